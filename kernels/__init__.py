@@ -1,0 +1,9 @@
+"""nano4d kernels: fused Triton ops, each with a pure-torch ``<op>_ref`` reference.
+
+Public ops dispatch on the device of their inputs: CUDA tensors run the Triton kernel, CPU tensors
+run the reference, unless ``NANO4D_FORCE_TRITON=1`` sends them through the Triton interpreter.
+This package never imports ``nano4d``.
+"""
+from kernels._common import force_triton, use_triton  # noqa: F401
+
+__all__ = ["force_triton", "use_triton"]

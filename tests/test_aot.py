@@ -1,0 +1,63 @@
+"""The ahead-of-time compile helper compiles real kernels for sm_80/sm_90 and can fail."""
+import pytest
+import triton
+import triton.language as tl
+
+from tests.aot import AOTError, aot_compile
+
+
+@triton.jit
+def _double(x):
+    return x * 2.0
+
+
+@triton.jit
+def _scale_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(y_ptr + offs, _double(tl.load(x_ptr + offs, mask=m)), mask=m)
+
+
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, c_ptr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rm, rn, rk = tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BK)
+    a = tl.load(a_ptr + rm[:, None] * BK + rk[None, :])
+    b = tl.load(b_ptr + rk[:, None] * BN + rn[None, :])
+    tl.store(c_ptr + rm[:, None] * BN + rn[None, :], tl.dot(a, b))
+
+
+@triton.jit
+def _broken_kernel(x_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)  # BLOCK=100 is not a power of two: the compiler rejects it
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs) + 1)
+
+
+SIG = {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}
+
+
+def test_compiles_for_sm90_and_sm80():
+    out = aot_compile(_scale_kernel, SIG, {"BLOCK": 256})
+    assert set(out) == {90, 80}
+    for compiled in out.values():
+        assert compiled.asm["cubin"] and "ld.global" in compiled.asm["ptx"]
+        assert compiled.metadata.shared >= 0
+
+
+def test_reports_shared_memory_of_a_dot():
+    out = aot_compile(_dot_kernel, {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32",
+                                    "BM": "constexpr", "BN": "constexpr", "BK": "constexpr"},
+                      {"BM": 64, "BN": 64, "BK": 64})
+    assert out[90].metadata.shared > 0
+
+
+def test_fails_on_a_kernel_that_does_not_compile():
+    with pytest.raises(AOTError, match="compile for sm_90 failed"):
+        aot_compile(_broken_kernel, {"x_ptr": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 100})
+
+
+def test_fails_when_shared_memory_exceeds_the_limit():
+    # fp32 256x256x256 dot tiles need far more than 227 KB of shared memory
+    with pytest.raises(AOTError, match="shared memory"):
+        aot_compile(_dot_kernel, {"a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32",
+                                  "BM": "constexpr", "BN": "constexpr", "BK": "constexpr"},
+                    {"BM": 256, "BN": 256, "BK": 256}, targets=(80,))
