@@ -5,5 +5,6 @@ run the reference, unless ``NANO4D_FORCE_TRITON=1`` sends them through the Trito
 This package never imports ``nano4d``.
 """
 from kernels._common import force_triton, use_triton  # noqa: F401
+from kernels.deform_attn import deform_attn, deform_attn_ref  # noqa: F401
 
-__all__ = ["force_triton", "use_triton"]
+__all__ = ["force_triton", "use_triton", "deform_attn", "deform_attn_ref"]
