@@ -7,6 +7,8 @@ This package never imports ``nano4d``.
 from kernels._common import force_triton, use_triton  # noqa: F401
 from kernels.deform_attn import deform_attn, deform_attn_ref  # noqa: F401
 from kernels.sdf_render import render_sdf, render_sdf_ref, sdf_gradient_ref  # noqa: F401
+from kernels.patch_attn import patch_attention, patch_attention_ref  # noqa: F401
 
 __all__ = ["force_triton", "use_triton", "deform_attn", "deform_attn_ref",
-           "render_sdf", "render_sdf_ref", "sdf_gradient_ref"]
+           "render_sdf", "render_sdf_ref", "sdf_gradient_ref",
+           "patch_attention", "patch_attention_ref"]

@@ -1,0 +1,577 @@
+"""Masked patch attention with segment ids (FlashAttention-2 style, forward + backward).
+
+Math. For each batch b and head h, with q, k, v of shape (N, D) and segment ids s (N,):
+
+    allowed[i, j] = (s[i] == s[j]) and (s[j] >= 0)
+    S = scale * q @ k^T                (scale defaults to D ** -0.5)
+    P = softmax over j of S, restricted to allowed[i, :]
+    O[i] = sum_j P[i, j] v[j]          (O[i] = 0 when row i has no allowed key, i.e. s[i] < 0)
+
+``segment_ids=None`` means one segment (plain softmax attention). Frame-wise attention = id is the view
+index; global attention = one id per sample; ragged batches = -1 on padding tokens. A padding row
+gets a zero output and passes/receives exactly zero gradient (never uninitialized memory).
+
+Layouts: q, k, v (B, H, N, D), any strides (views of a packed qkv tensor work, no copy);
+segment_ids (B, N), any integer dtype whose values fit in int32. Output (B, H, N, D), contiguous,
+dtype of q. Differentiable in q, k, v (not in segment_ids, not in scale).
+
+Kernels. The forward streams key blocks with the online softmax (running max m and sum l, in base 2
+with log2(e) folded into the scale), accumulates in fp32 and saves the log-sum-exp per row.
+The backward recomputes P from the LSE: a preprocess kernel forms delta = rowsum(dO * O), one kernel
+per key block accumulates dK, dV over query blocks, one kernel per query block accumulates dQ over key
+blocks (no atomics: the backward is deterministic). No N x N matrix is ever stored.
+Block skipping: a tiny pre-pass (a few torch reductions on the ids) gives each block its min/max
+non-negative id; a query block visits only the key-block range [lo, hi) whose id ranges can meet its
+own. With contiguous segments that range is tight (frame-wise over V views costs ~1/V of global);
+with interleaved ids the range is wider but the per-element mask keeps the result exact.
+
+Limits: fp32, bf16, fp16 (fp32 accumulation), fp64 (fp64 accumulation; a verification dtype,
+used by gradcheck). Head dim 1 <= D <= 256, padded internally by masked loads to the next tile
+width of 16/32/64/128/256 (the caller never pads). fp32 inputs use exact fp32 dots
+(``input_precision="ieee"``), not TF32. Non-finite inputs are not checked (that costs a device sync):
+they propagate NaN to the rows that attend them, as with any attention.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import (check_index_range, check_same_device, check_tensor, interpreting, next_pow2,
+                             use_triton)
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+_DOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+@triton.jit
+def _patch_attn_fwd_kernel(
+        Q, K, V, SEG, RANGE, O, LSE,
+        N, D, H, n_mblocks, qk_scale,
+        stride_qb, stride_qh, stride_qn, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_sb, stride_sn,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_SEG: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m = pid % n_mblocks
+    pid_bh = pid // n_mblocks
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_in = offs_m < N
+    d_in = offs_d < D
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=m_in[:, None] & d_in[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    if HAS_SEG:
+        seg_q = tl.load(SEG + b * stride_sb + offs_m * stride_sn, mask=m_in, other=-1)
+        lo = tl.load(RANGE + (b * n_mblocks + pid_m) * 2)
+        hi = tl.load(RANGE + (b * n_mblocks + pid_m) * 2 + 1)
+    else:
+        lo = 0
+        hi = tl.cdiv(N, BLOCK_N)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for jb in range(lo, hi):
+        offs_n = jb * BLOCK_N + offs_n0
+        n_in = offs_n < N
+        kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=n_in[None, :] & d_in[:, None], other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=n_in[:, None] & d_in[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, kt, input_precision="ieee", out_dtype=ACC)
+        else:
+            s = tl.dot(q, kt, out_dtype=ACC)
+        s = s * qk_scale
+        if HAS_SEG:
+            seg_k = tl.load(SEG + b * stride_sb + offs_n * stride_sn, mask=n_in, other=-1)
+            ok = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] >= 0)
+        else:
+            ok = m_in[:, None] & n_in[None, :]
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # P is rounded to the input dtype before the PV product (as on the GPU, also when upcasting)
+        pv = p.to(V.dtype.element_ty)
+        if UPCAST:
+            pv = pv.to(tl.float32)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision="ieee", out_dtype=ACC)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(pv, v, out_dtype=ACC)
+        m_i = m_new
+
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    out = tl.where(has[:, None], out, 0.0)
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("inf"))  # +inf: P == 0 in backward
+    o_base = pid_bh * N * D
+    tl.store(O + o_base + offs_m[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=m_in[:, None] & d_in[None, :])
+    tl.store(LSE + pid_bh * N + offs_m, lse.to(LSE.dtype.element_ty), mask=m_in)
+
+
+@triton.jit
+def _patch_attn_bwd_preprocess_kernel(O, DO, DELTA, N, D, n_mblocks,
+                                      stride_dob, stride_doh, stride_don, stride_dod, H,
+                                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m = pid % n_mblocks
+    pid_bh = pid // n_mblocks
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+    o = tl.load(O + pid_bh * N * D + offs_m[:, None] * D + offs_d[None, :], mask=msk, other=0.0).to(ACC)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                 mask=msk, other=0.0).to(ACC)
+    tl.store(DELTA + pid_bh * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
+
+
+@triton.jit
+def _patch_attn_bwd_dkdv_kernel(
+        Q, K, V, SEG, RANGE, DO, LSE, DELTA, DK, DV,
+        N, D, H, n_nblocks, qk_scale, sm_scale,
+        stride_qb, stride_qh, stride_qn, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_dob, stride_doh, stride_don, stride_dod,
+        stride_sb, stride_sn,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_SEG: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+    """One program per (b, h, key block): dK, dV summed over the query blocks in its range."""
+    pid = tl.program_id(0).to(tl.int64)
+    pid_n = pid % n_nblocks
+    pid_bh = pid // n_nblocks
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_in = offs_n < N
+    d_in = offs_d < D
+    kv_msk = n_in[:, None] & d_in[None, :]
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=kv_msk, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=kv_msk, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    if HAS_SEG:
+        seg_k = tl.load(SEG + b * stride_sb + offs_n * stride_sn, mask=n_in, other=-1)
+        lo = tl.load(RANGE + (b * n_nblocks + pid_n) * 2)
+        hi = tl.load(RANGE + (b * n_nblocks + pid_n) * 2 + 1)
+    else:
+        lo = 0
+        hi = tl.cdiv(N, BLOCK_M)
+    Q += b * stride_qb + h * stride_qh
+    DO += b * stride_dob + h * stride_doh
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    for ib in range(lo, hi):
+        offs_m = ib * BLOCK_M + offs_m0
+        m_in = offs_m < N
+        qt = tl.load(Q + offs_m[None, :] * stride_qn + offs_d[:, None] * stride_qd,
+                     mask=m_in[None, :] & d_in[:, None], other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                     mask=m_in[:, None] & d_in[None, :], other=0.0)
+        lse = tl.load(LSE + pid_bh * N + offs_m, mask=m_in, other=float("inf"))
+        delta = tl.load(DELTA + pid_bh * N + offs_m, mask=m_in, other=0.0)
+        if UPCAST:
+            qt = qt.to(tl.float32)
+            do = do.to(tl.float32)
+        if IEEE:
+            st = tl.dot(k, qt, input_precision="ieee", out_dtype=ACC)
+        else:
+            st = tl.dot(k, qt, out_dtype=ACC)
+        if HAS_SEG:
+            seg_q = tl.load(SEG + b * stride_sb + offs_m * stride_sn, mask=m_in, other=-1)
+            ok = (seg_k[:, None] == seg_q[None, :]) & (seg_q[None, :] >= 0)
+        else:
+            ok = n_in[:, None] & m_in[None, :]
+        pt = tl.where(ok, tl.exp2(st * qk_scale - lse[None, :]), 0.0)  # P^T, zero where masked
+        ptc = pt.to(DO.dtype.element_ty)
+        if UPCAST:
+            ptc = ptc.to(tl.float32)
+        if IEEE:
+            dv += tl.dot(ptc, do, input_precision="ieee", out_dtype=ACC)
+            dpt = tl.dot(v, tl.trans(do), input_precision="ieee", out_dtype=ACC)
+        else:
+            dv += tl.dot(ptc, do, out_dtype=ACC)
+            dpt = tl.dot(v, tl.trans(do), out_dtype=ACC)
+        dst = pt * (dpt - delta[None, :])
+        dsc = dst.to(Q.dtype.element_ty)
+        if UPCAST:
+            dsc = dsc.to(tl.float32)
+        if IEEE:
+            dk += tl.dot(dsc, tl.trans(qt), input_precision="ieee", out_dtype=ACC)
+        else:
+            dk += tl.dot(dsc, tl.trans(qt), out_dtype=ACC)
+    dk = dk * sm_scale
+    base = pid_bh * N * D
+    tl.store(DK + base + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_msk)
+    tl.store(DV + base + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_msk)
+
+
+@triton.jit
+def _patch_attn_bwd_dq_kernel(
+        Q, K, V, SEG, RANGE, DO, LSE, DELTA, DQ,
+        N, D, H, n_mblocks, qk_scale, sm_scale,
+        stride_qb, stride_qh, stride_qn, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_dob, stride_doh, stride_don, stride_dod,
+        stride_sb, stride_sn,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_SEG: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+    """One program per (b, h, query block): dQ summed over the key blocks in its range."""
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m = pid % n_mblocks
+    pid_bh = pid // n_mblocks
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_in = offs_m < N
+    d_in = offs_d < D
+    q_msk = m_in[:, None] & d_in[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=q_msk, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                 mask=q_msk, other=0.0)
+    lse = tl.load(LSE + pid_bh * N + offs_m, mask=m_in, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh * N + offs_m, mask=m_in, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    if HAS_SEG:
+        seg_q = tl.load(SEG + b * stride_sb + offs_m * stride_sn, mask=m_in, other=-1)
+        lo = tl.load(RANGE + (b * n_mblocks + pid_m) * 2)
+        hi = tl.load(RANGE + (b * n_mblocks + pid_m) * 2 + 1)
+    else:
+        lo = 0
+        hi = tl.cdiv(N, BLOCK_N)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for jb in range(lo, hi):
+        offs_n = jb * BLOCK_N + offs_n0
+        n_in = offs_n < N
+        kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=n_in[None, :] & d_in[:, None], other=0.0)
+        vt = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+                     mask=n_in[None, :] & d_in[:, None], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, kt, input_precision="ieee", out_dtype=ACC)
+            dp = tl.dot(do, vt, input_precision="ieee", out_dtype=ACC)
+        else:
+            s = tl.dot(q, kt, out_dtype=ACC)
+            dp = tl.dot(do, vt, out_dtype=ACC)
+        if HAS_SEG:
+            seg_k = tl.load(SEG + b * stride_sb + offs_n * stride_sn, mask=n_in, other=-1)
+            ok = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] >= 0)
+        else:
+            ok = m_in[:, None] & n_in[None, :]
+        p = tl.where(ok, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        ds = p * (dp - delta[:, None])
+        dsc = ds.to(K.dtype.element_ty)
+        if UPCAST:
+            dsc = dsc.to(tl.float32)
+        if IEEE:
+            dq += tl.dot(dsc, tl.trans(kt), input_precision="ieee", out_dtype=ACC)
+        else:
+            dq += tl.dot(dsc, tl.trans(kt), out_dtype=ACC)
+    dq = dq * sm_scale
+    tl.store(DQ + pid_bh * N * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_msk)
+
+
+# ----------------------------------------------------------------------------- reference
+
+def patch_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        segment_ids: torch.Tensor | None = None, scale: float | None = None,
+                        chunk_elems: int = 1 << 26) -> torch.Tensor:
+    """Pure-torch masked attention from an explicit boolean mask (the CPU path of the models).
+
+    ``allowed[b, i, j] = (segment_ids[b, i] == segment_ids[b, j]) & (segment_ids[b, j] >= 0)``;
+    rows with no allowed key (padding) give zeros and zero gradients. Computed in the input dtype.
+    Query rows are processed in chunks of at most ``chunk_elems`` score entries, which bounds the
+    transient memory (what autograd keeps for backward is one probability matrix, as in any
+    differentiable dense attention).
+    """
+    B, H, N, D = q.shape
+    scale = D ** -0.5 if scale is None else float(scale)
+    if segment_ids is None:
+        segment_ids = torch.zeros(B, N, dtype=torch.long, device=q.device)
+    seg = segment_ids.to(device=q.device, dtype=torch.long)
+    rows = max(1, min(N, chunk_elems // max(1, B * H * N)))
+    outs = []
+    for i0 in range(0, max(N, 1), rows):  # N == 0: one empty chunk keeps the result in the graph
+        sq = seg[:, i0:i0 + rows]
+        allowed = (sq[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)  # (B, n, N)
+        allowed = allowed[:, None]  # (B, 1, n, N), broadcast over heads
+        empty = ~allowed.any(dim=-1, keepdim=True)  # (B, 1, n, 1): padding rows
+        s = torch.matmul(q[:, :, i0:i0 + rows] * scale, k.transpose(-1, -2))
+        s = s.masked_fill(~allowed, float("-inf")).masked_fill(empty, 0.0)  # empty rows: finite dummy
+        p = torch.softmax(s, dim=-1)
+        outs.append(torch.matmul(p, v).masked_fill(empty, 0.0))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _head_block(D: int) -> int:
+    return max(16, next_pow2(D))
+
+
+def _fwd_config(block_d: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward, by head-dim bucket and element size.
+    Chosen so every bucket fits sm_80's shared memory (checked by the AOT tests)."""
+    wide = dtype in (torch.float32, torch.float64)
+    if block_d <= 64:
+        cfg = (64, 64, 4, 3) if wide else (128, 64, 4, 3)
+    elif block_d == 128:
+        cfg = (64, 32, 4, 2) if wide else (128, 64, 8, 3)
+    else:
+        cfg = (32, 32, 4, 1) if wide else (64, 64, 8, 2)
+    return cfg
+
+
+def _bwd_config(block_d: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) shared by the dK/dV and dQ kernels."""
+    wide = dtype in (torch.float32, torch.float64)
+    if block_d <= 64:
+        cfg = (32, 64, 4, 2) if wide else (64, 64, 4, 2)
+    elif block_d == 128:
+        cfg = (32, 32, 4, 1) if wide else (64, 64, 8, 2)
+    else:
+        cfg = (16, 32, 4, 1) if wide else (32, 32, 4, 1)
+    return cfg
+
+
+def _block_minmax(seg: torch.Tensor, block: int):
+    """Per block of ``block`` tokens: (min, max) of the non-negative ids; (INT_MAX, -1) if none."""
+    B, N = seg.shape
+    nb = triton.cdiv(N, block)
+    s = torch.full((B, nb * block), -1, dtype=torch.int32, device=seg.device)
+    s[:, :N] = seg
+    s = s.view(B, nb, block)
+    valid = s >= 0
+    big = torch.iinfo(torch.int32).max
+    return torch.where(valid, s, big).amin(-1), torch.where(valid, s, -1).amax(-1)
+
+
+def _block_ranges(seg: torch.Tensor, block_rows: int, block_cols: int) -> torch.Tensor:
+    """(B, n_row_blocks, 2) int32 [lo, hi): the column blocks whose id range can meet each row block's.
+
+    The relation is symmetric, so this serves query->key (forward, dQ) and key->query (dK/dV).
+    Every block in [lo, hi) is visited; blocks inside that do not meet are masked per element, so
+    non-contiguous ids stay exact and contiguous ids get a tight range.
+    """
+    rmin, rmax = _block_minmax(seg, block_rows)
+    cmin, cmax = _block_minmax(seg, block_cols)
+    meet = (cmin[:, None, :] <= rmax[:, :, None]) & (cmax[:, None, :] >= rmin[:, :, None])
+    nc = meet.shape[-1]
+    idx = torch.arange(nc, device=seg.device, dtype=torch.int32)
+    lo = torch.where(meet, idx, nc).amin(-1)
+    hi = torch.where(meet, idx + 1, 0).amax(-1)
+    lo = torch.minimum(lo, hi)
+    return torch.stack([lo, hi], dim=-1).to(torch.int32).contiguous()
+
+
+def _acc_dtype(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _lse_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _flags(dtype):
+    upcast = interpreting() and dtype == torch.bfloat16  # CONVENTIONS §9: bf16 tl.dot is wrong interpreted
+    ieee = dtype == torch.float32
+    return upcast, ieee
+
+
+def _strides4(t):
+    return tuple(t.stride())
+
+
+def _patch_attn_fwd(q, k, v, segment_ids, scale):
+    """Launch the forward; returns (out (B,H,N,D) contiguous, lse (B,H,N) fp32 (fp64 for fp64), base 2)."""
+    B, H, N, D = q.shape
+    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=_lse_dtype(q.dtype), device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    check_index_range("q", B * H * N * max(D, 1), 2**62)
+    block_d = _head_block(D)
+    BM, BN, warps, stages = _fwd_config(block_d, q.dtype)
+    nm = triton.cdiv(N, BM)
+    has_seg = segment_ids is not None
+    if has_seg:
+        seg = segment_ids
+        rng = _block_ranges(seg, BM, BN)
+    else:
+        seg = torch.zeros((1, 1), dtype=torch.int32, device=q.device)
+        rng = torch.zeros((1, 2), dtype=torch.int32, device=q.device)
+    upcast, ieee = _flags(q.dtype)
+    _patch_attn_fwd_kernel[(nm * B * H,)](
+        q, k, v, seg, rng, out, lse, N, D, H, nm, float(scale) * LOG2E,
+        *_strides4(q), *_strides4(k), *_strides4(v), seg.stride(0), seg.stride(1),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=block_d, HAS_SEG=has_seg, UPCAST=upcast, IEEE=ieee,
+        ACC=_acc_dtype(q.dtype), num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+def _patch_attn_bwd(do, q, k, v, out, lse, segment_ids, scale):
+    """Launch the backward; returns (dq, dk, dv), each (B,H,N,D) contiguous in q's dtype."""
+    B, H, N, D = q.shape
+    dq = torch.zeros((B, H, N, D), dtype=q.dtype, device=q.device)
+    dk = torch.zeros_like(dq)
+    dv = torch.zeros_like(dq)
+    if dq.numel() == 0:
+        return dq, dk, dv
+    block_d = _head_block(D)
+    acc = _acc_dtype(q.dtype)
+    upcast, ieee = _flags(q.dtype)
+    BM0 = 64
+    nm0 = triton.cdiv(N, BM0)
+    delta = torch.empty((B, H, N), dtype=_lse_dtype(q.dtype), device=q.device)
+    _patch_attn_bwd_preprocess_kernel[(nm0 * B * H,)](
+        out, do, delta, N, D, nm0, *_strides4(do), H, BLOCK_M=BM0, BLOCK_D=block_d, ACC=acc)
+    BM, BN, warps, stages = _bwd_config(block_d, q.dtype)
+    has_seg = segment_ids is not None
+    nm, nn = triton.cdiv(N, BM), triton.cdiv(N, BN)
+    if has_seg:
+        seg = segment_ids
+        rng_kv = _block_ranges(seg, BN, BM)  # key block -> query blocks
+        rng_q = _block_ranges(seg, BM, BN)  # query block -> key blocks
+    else:
+        seg = torch.zeros((1, 1), dtype=torch.int32, device=q.device)
+        rng_kv = rng_q = torch.zeros((1, 2), dtype=torch.int32, device=q.device)
+    qk_scale = float(scale) * LOG2E
+    common = (*_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do), seg.stride(0), seg.stride(1))
+    meta = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=block_d, HAS_SEG=has_seg, UPCAST=upcast, IEEE=ieee, ACC=acc,
+                num_warps=warps, num_stages=stages)
+    _patch_attn_bwd_dkdv_kernel[(nn * B * H,)](
+        q, k, v, seg, rng_kv, do, lse, delta, dk, dv, N, D, H, nn, qk_scale, float(scale), *common, **meta)
+    _patch_attn_bwd_dq_kernel[(nm * B * H,)](
+        q, k, v, seg, rng_q, do, lse, delta, dq, N, D, H, nm, qk_scale, float(scale), *common, **meta)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- registration
+
+@torch.library.custom_op("nano4d::patch_attention", mutates_args=())
+def _patch_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor | None,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Registered Triton op: returns (out, lse); ``segment_ids`` None or int32 (B, N)."""
+    return _patch_attn_fwd(q, k, v, segment_ids, scale)
+
+
+@_patch_attention_op.register_fake
+def _(q, k, v, segment_ids, scale):
+    B, H, N, D = q.shape
+    return q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("nano4d::patch_attention_backward", mutates_args=())
+def _patch_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            out: torch.Tensor, lse: torch.Tensor, segment_ids: torch.Tensor | None,
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _patch_attn_bwd(do, q, k, v, out, lse, segment_ids, scale)
+
+
+@_patch_attention_bwd_op.register_fake
+def _(do, q, k, v, out, lse, segment_ids, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        torch.empty_like(q, memory_format=torch.contiguous_format), \
+        torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, segment_ids, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, segment_ids)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, segment_ids = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None
+    dq, dk, dv = _patch_attention_bwd_op(grad_out.contiguous(), q, k, v, out, lse, segment_ids, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_patch_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public op
+
+def _validate(q, k, v, segment_ids, scale):
+    check_tensor("q", q, ndim=4, dtypes=_DOT_DTYPES)
+    B, H, N, D = q.shape
+    check_tensor("k", k, shape=(B, H, N, D), dtypes=(q.dtype,))
+    check_tensor("v", v, shape=(B, H, N, D), dtypes=(q.dtype,))
+    check_same_device(q=q, k=k, v=v)
+    if not 1 <= D <= MAX_HEAD_DIM and q.numel() > 0:
+        raise ValueError(f"q: head dim D={D} not supported (1 <= D <= {MAX_HEAD_DIM})")
+    if segment_ids is not None:
+        if not isinstance(segment_ids, torch.Tensor):
+            raise ValueError(f"segment_ids: expected a torch.Tensor or None, got {type(segment_ids).__name__}")
+        if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex or segment_ids.dtype == torch.bool:
+            raise ValueError(f"segment_ids: dtype {segment_ids.dtype} must be an integer type")
+        check_tensor("segment_ids", segment_ids, shape=(B, N), device=q.device)
+        if segment_ids.numel() and segment_ids.dtype == torch.int64 and not segment_ids.is_cuda:
+            lo, hi = int(segment_ids.min()), int(segment_ids.max())  # CPU only: no device sync on GPU
+            if lo < -2**31 or hi >= 2**31:
+                raise ValueError("segment_ids: values must fit in int32")
+    if scale is not None:
+        if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale: expected a finite Python number or None, got {scale!r}")
+
+
+def patch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor | None = None,
+                    scale: float | None = None) -> torch.Tensor:
+    """Softmax attention restricted to equal, non-negative segment ids; see the module docstring.
+
+    q, k, v (B, H, N, D) float; segment_ids (B, N) integer or None; returns (B, H, N, D).
+    CUDA tensors -> Triton kernels; CPU tensors -> ``patch_attention_ref`` (unless NANO4D_FORCE_TRITON=1).
+    """
+    _validate(q, k, v, segment_ids, scale)
+    D = q.shape[-1]
+    scale = D ** -0.5 if scale is None else float(scale)
+    if not use_triton(q, k, v):
+        return patch_attention_ref(q, k, v, segment_ids, scale)
+    seg = None if segment_ids is None else segment_ids.to(torch.int32)
+    return _patch_attention_op(q, k, v, seg, scale)[0]
