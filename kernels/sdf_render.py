@@ -51,6 +51,366 @@ COORD_LIM = 5.0       # sample coordinates are clamped to [-COORD_LIM, COORD_LIM
 MAX_FEATURES = 256
 
 
+# ============================================================================ Triton kernels
+
+@triton.jit
+def _axis_setup(p, n, CDT: tl.constexpr):
+    """Normalized coordinate -> (floor index, fraction, d index / d p). Clamps to [-5, 5], NaN -> -5."""
+    inr = tl.abs(p) <= 5.0
+    p = tl.where(inr, p, tl.where(p > 5.0, 5.0, -5.0))
+    scale = 0.5 * (n - 1).to(CDT)
+    i = (p + 1.0) * scale
+    i0f = tl.floor(i)
+    return i0f.to(tl.int32), i - i0f, tl.where(inr, scale, 0.0)
+
+
+@triton.jit
+def _sample_fwd(vol_ptr, vb, px, py, pz, X, Y, Z, svz, svy, svx, offs_f, mask_r, mask_f,
+                CDT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Trilinear SDF (BLOCK_R,) and features (BLOCK_R, BLOCK_F) at p; channel 0 = sdf, stride 1 channels."""
+    x0, fx, _sx = _axis_setup(px, X, CDT)
+    y0, fy, _sy = _axis_setup(py, Y, CDT)
+    z0, fz, _sz = _axis_setup(pz, Z, CDT)
+    sdf = tl.zeros([BLOCK_R], dtype=CDT)
+    feat = tl.zeros([BLOCK_R, BLOCK_F], dtype=CDT)
+    for c in tl.static_range(8):
+        if c & 1:
+            xi = x0 + 1
+            wx = fx
+        else:
+            xi = x0
+            wx = 1.0 - fx
+        if (c >> 1) & 1:
+            yi = y0 + 1
+            wy = fy
+        else:
+            yi = y0
+            wy = 1.0 - fy
+        if (c >> 2) & 1:
+            zi = z0 + 1
+            wz = fz
+        else:
+            zi = z0
+            wz = 1.0 - fz
+        ok = mask_r & (xi >= 0) & (xi < X) & (yi >= 0) & (yi < Y) & (zi >= 0) & (zi < Z)
+        off = vb + zi * svz + yi * svy + xi * svx
+        w = wx * wy * wz
+        v0 = tl.load(vol_ptr + off, mask=ok, other=0.0).to(CDT)
+        fv = tl.load(vol_ptr + off[:, None] + 1 + offs_f[None, :], mask=ok[:, None] & mask_f[None, :],
+                     other=0.0).to(CDT)
+        sdf += w * v0
+        feat += w[:, None] * fv
+    return sdf, feat
+
+
+@triton.jit
+def _sample_bwd(vol_ptr, vb, px, py, pz, gfeat, X, Y, Z, svz, svy, svx, offs_f, mask_r, mask_f,
+                CDT: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Per ray: sdf, e = <gfeat, f>, d sdf / dp (3) and d e / dp (3), p in normalized units."""
+    x0, fx, sx = _axis_setup(px, X, CDT)
+    y0, fy, sy = _axis_setup(py, Y, CDT)
+    z0, fz, sz = _axis_setup(pz, Z, CDT)
+    sdf = tl.zeros([BLOCK_R], dtype=CDT)
+    e = tl.zeros([BLOCK_R], dtype=CDT)
+    dsx = tl.zeros([BLOCK_R], dtype=CDT)
+    dsy = tl.zeros([BLOCK_R], dtype=CDT)
+    dsz = tl.zeros([BLOCK_R], dtype=CDT)
+    dex = tl.zeros([BLOCK_R], dtype=CDT)
+    dey = tl.zeros([BLOCK_R], dtype=CDT)
+    dez = tl.zeros([BLOCK_R], dtype=CDT)
+    for c in tl.static_range(8):
+        if c & 1:
+            xi = x0 + 1
+            wx = fx
+            gx = 1.0
+        else:
+            xi = x0
+            wx = 1.0 - fx
+            gx = -1.0
+        if (c >> 1) & 1:
+            yi = y0 + 1
+            wy = fy
+            gy = 1.0
+        else:
+            yi = y0
+            wy = 1.0 - fy
+            gy = -1.0
+        if (c >> 2) & 1:
+            zi = z0 + 1
+            wz = fz
+            gz = 1.0
+        else:
+            zi = z0
+            wz = 1.0 - fz
+            gz = -1.0
+        ok = mask_r & (xi >= 0) & (xi < X) & (yi >= 0) & (yi < Y) & (zi >= 0) & (zi < Z)
+        off = vb + zi * svz + yi * svy + xi * svx
+        v0 = tl.load(vol_ptr + off, mask=ok, other=0.0).to(CDT)
+        fv = tl.load(vol_ptr + off[:, None] + 1 + offs_f[None, :], mask=ok[:, None] & mask_f[None, :],
+                     other=0.0).to(CDT)
+        dot = tl.sum(fv * gfeat, axis=1)
+        w = wx * wy * wz
+        sdf += w * v0
+        e += w * dot
+        dsx += gx * wy * wz * v0
+        dsy += wx * gy * wz * v0
+        dsz += wx * wy * gz * v0
+        dex += gx * wy * wz * dot
+        dey += wx * gy * wz * dot
+        dez += wx * wy * gz * dot
+    return sdf, e, dsx * sx, dsy * sy, dsz * sz, dex * sx, dey * sy, dez * sz
+
+
+@triton.jit
+def _scatter_bwd(gvol_ptr, vb, px, py, pz, gsdf, cf, gfeat, X, Y, Z, svz, svy, svx, offs_f, mask_r, mask_f,
+                 CDT: tl.constexpr):
+    """gvol[corners] += trilinear weight * (gsdf, cf * gfeat) with fp32/fp64 atomics."""
+    x0, fx, _sx = _axis_setup(px, X, CDT)
+    y0, fy, _sy = _axis_setup(py, Y, CDT)
+    z0, fz, _sz = _axis_setup(pz, Z, CDT)
+    for c in tl.static_range(8):
+        if c & 1:
+            xi = x0 + 1
+            wx = fx
+        else:
+            xi = x0
+            wx = 1.0 - fx
+        if (c >> 1) & 1:
+            yi = y0 + 1
+            wy = fy
+        else:
+            yi = y0
+            wy = 1.0 - fy
+        if (c >> 2) & 1:
+            zi = z0 + 1
+            wz = fz
+        else:
+            zi = z0
+            wz = 1.0 - fz
+        ok = mask_r & (xi >= 0) & (xi < X) & (yi >= 0) & (yi < Y) & (zi >= 0) & (zi < Z)
+        off = vb + zi * svz + yi * svy + xi * svx
+        w = wx * wy * wz
+        tl.atomic_add(gvol_ptr + off, w * gsdf, mask=ok)
+        tl.atomic_add(gvol_ptr + off[:, None] + 1 + offs_f[None, :], (w * cf)[:, None] * gfeat,
+                      mask=ok[:, None] & mask_f[None, :])
+
+
+@triton.jit
+def _sdf_render_fwd_kernel(
+        vol_ptr, o_ptr, d_ptr, t_ptr, s_ptr,
+        feat_ptr, depth_ptr, opac_ptr, nsec_ptr, tlast_ptr,
+        NR, R, S, X, Y, Z, NF,
+        stride_vb, stride_vz, stride_vy, stride_vx,
+        stride_ob, stride_or, stride_oc,
+        stride_db, stride_dr, stride_dc,
+        stride_tb, stride_tr, stride_ts,
+        BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, CDT: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < NR
+    b = offs_r // R
+    rr = offs_r - b * R
+    offs_f = tl.arange(0, BLOCK_F)
+    mask_f = offs_f < NF
+    vb = b * stride_vb
+    s = tl.load(s_ptr).to(CDT)
+    op = o_ptr + b * stride_ob + rr * stride_or
+    dp = d_ptr + b * stride_db + rr * stride_dr
+    ox = tl.load(op, mask=mask_r, other=0.0).to(CDT)
+    oy = tl.load(op + stride_oc, mask=mask_r, other=0.0).to(CDT)
+    oz = tl.load(op + 2 * stride_oc, mask=mask_r, other=0.0).to(CDT)
+    dx = tl.load(dp, mask=mask_r, other=0.0).to(CDT)
+    dy = tl.load(dp + stride_dc, mask=mask_r, other=0.0).to(CDT)
+    dz = tl.load(dp + 2 * stride_dc, mask=mask_r, other=0.0).to(CDT)
+    tp = t_ptr + b * stride_tb + rr * stride_tr
+
+    t_prev = tl.load(tp, mask=mask_r, other=0.0).to(CDT)
+    sdf_prev, f_prev = _sample_fwd(vol_ptr, vb, ox + t_prev * dx, oy + t_prev * dy, oz + t_prev * dz,
+                                   X, Y, Z, stride_vz, stride_vy, stride_vx, offs_f, mask_r, mask_f,
+                                   CDT, BLOCK_R, BLOCK_F)
+    phi_prev = tl.sigmoid(s * sdf_prev)
+    trans = tl.full([BLOCK_R], 1.0, CDT)
+    t_last = tl.full([BLOCK_R], 1.0, CDT)
+    acc_f = tl.zeros([BLOCK_R, BLOCK_F], dtype=CDT)
+    acc_d = tl.zeros([BLOCK_R], dtype=CDT)
+    acc_o = tl.zeros([BLOCK_R], dtype=CDT)
+    nsec = tl.zeros([BLOCK_R], dtype=tl.int32)
+    active = mask_r
+    k = 1
+    n_active = tl.sum(active.to(tl.int32), axis=0)
+    while (k < S) & (n_active > 0):
+        t_cur = tl.load(tp + k * stride_ts, mask=active, other=0.0).to(CDT)
+        sdf_cur, f_cur = _sample_fwd(vol_ptr, vb, ox + t_cur * dx, oy + t_cur * dy, oz + t_cur * dz,
+                                     X, Y, Z, stride_vz, stride_vy, stride_vx, offs_f, active, mask_f,
+                                     CDT, BLOCK_R, BLOCK_F)
+        phi_cur = tl.sigmoid(s * sdf_cur)
+        raw = (phi_prev - phi_cur + 1e-5) / (phi_prev + 1e-5)
+        alpha = tl.where(raw < 0.0, 0.0, tl.where(raw > 1.0, 1.0, raw))
+        w = tl.where(active, trans * alpha, 0.0)
+        acc_f += w[:, None] * (f_prev + f_cur) * 0.5
+        acc_d += w * (t_prev + t_cur) * 0.5
+        acc_o += w
+        t_last = tl.where(active, trans, t_last)
+        nsec = tl.where(active, k, nsec)
+        trans = tl.where(active, trans * (1.0 - alpha), trans)
+        active = active & (trans >= 1e-4)
+        t_prev = t_cur
+        f_prev = f_cur
+        phi_prev = phi_cur
+        k += 1
+        n_active = tl.sum(active.to(tl.int32), axis=0)
+
+    tl.store(feat_ptr + offs_r[:, None] * NF + offs_f[None, :], acc_f, mask=mask_r[:, None] & mask_f[None, :])
+    tl.store(depth_ptr + offs_r, acc_d, mask=mask_r)
+    tl.store(opac_ptr + offs_r, acc_o, mask=mask_r)
+    tl.store(nsec_ptr + offs_r, nsec, mask=mask_r)
+    tl.store(tlast_ptr + offs_r, t_last, mask=mask_r)
+
+
+@triton.jit
+def _sdf_render_bwd_kernel(
+        vol_ptr, o_ptr, d_ptr, t_ptr, s_ptr, nsec_ptr, tlast_ptr,
+        gfeat_ptr, gdepth_ptr, gopac_ptr,
+        gvol_ptr, go_ptr, gd_ptr, gt_ptr, gs_ptr,
+        NR, R, S, X, Y, Z, NF,
+        stride_vb, stride_vz, stride_vy, stride_vx,
+        stride_ob, stride_or, stride_oc,
+        stride_db, stride_dr, stride_dc,
+        stride_tb, stride_tr, stride_ts,
+        BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, CDT: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < NR
+    b = offs_r // R
+    rr = offs_r - b * R
+    offs_f = tl.arange(0, BLOCK_F)
+    mask_f = offs_f < NF
+    vb = b * stride_vb
+    s = tl.load(s_ptr).to(CDT)
+    op = o_ptr + b * stride_ob + rr * stride_or
+    dp = d_ptr + b * stride_db + rr * stride_dr
+    ox = tl.load(op, mask=mask_r, other=0.0).to(CDT)
+    oy = tl.load(op + stride_oc, mask=mask_r, other=0.0).to(CDT)
+    oz = tl.load(op + 2 * stride_oc, mask=mask_r, other=0.0).to(CDT)
+    dx = tl.load(dp, mask=mask_r, other=0.0).to(CDT)
+    dy = tl.load(dp + stride_dc, mask=mask_r, other=0.0).to(CDT)
+    dz = tl.load(dp + 2 * stride_dc, mask=mask_r, other=0.0).to(CDT)
+    tp = t_ptr + b * stride_tb + rr * stride_tr
+    gtp = gt_ptr + offs_r * S
+    nsec = tl.load(nsec_ptr + offs_r, mask=mask_r, other=0)
+    t_last = tl.load(tlast_ptr + offs_r, mask=mask_r, other=1.0).to(CDT)
+    gfeat = tl.load(gfeat_ptr + offs_r[:, None] * NF + offs_f[None, :], mask=mask_r[:, None] & mask_f[None, :],
+                    other=0.0).to(CDT)
+    g_d = tl.load(gdepth_ptr + offs_r, mask=mask_r, other=0.0).to(CDT)
+    g_o = tl.load(gopac_ptr + offs_r, mask=mask_r, other=0.0).to(CDT)
+    maxn = tl.max(nsec, axis=0)
+
+    # the "next" point of the section being processed, starting at the end point of the last section
+    pm = mask_r & (maxn <= nsec)
+    t_nx = tl.load(tp + maxn * stride_ts, mask=pm, other=0.0).to(CDT)
+    sdf_nx, e_nx, dsx_nx, dsy_nx, dsz_nx, dex_nx, dey_nx, dez_nx = _sample_bwd(
+        vol_ptr, vb, ox + t_nx * dx, oy + t_nx * dy, oz + t_nx * dz, gfeat, X, Y, Z,
+        stride_vz, stride_vy, stride_vx, offs_f, pm, mask_f, CDT, BLOCK_R)
+    phi_nx = tl.sigmoid(s * sdf_nx)
+    gsdf_nx = tl.zeros([BLOCK_R], dtype=CDT)   # dL/dsdf of the next point (from the section after it)
+    c_nx = tl.zeros([BLOCK_R], dtype=CDT)      # its total compositing weight (w_{j-1} + w_j) / 2
+    trans = t_last
+    acc_a = tl.zeros([BLOCK_R], dtype=CDT)     # A_i: rendering of sections > i, restarted at T = 1
+    g_s = tl.zeros([BLOCK_R], dtype=CDT)
+    gox = tl.zeros([BLOCK_R], dtype=CDT)
+    goy = tl.zeros([BLOCK_R], dtype=CDT)
+    goz = tl.zeros([BLOCK_R], dtype=CDT)
+    gdx = tl.zeros([BLOCK_R], dtype=CDT)
+    gdy = tl.zeros([BLOCK_R], dtype=CDT)
+    gdz = tl.zeros([BLOCK_R], dtype=CDT)
+    for ii in range(0, maxn):
+        i = maxn - 1 - ii
+        pm = mask_r & (i <= nsec)
+        sec = mask_r & (i < nsec)
+        t_i = tl.load(tp + i * stride_ts, mask=pm, other=0.0).to(CDT)
+        sdf_i, e_i, dsx_i, dsy_i, dsz_i, dex_i, dey_i, dez_i = _sample_bwd(
+            vol_ptr, vb, ox + t_i * dx, oy + t_i * dy, oz + t_i * dz, gfeat, X, Y, Z,
+            stride_vz, stride_vy, stride_vx, offs_f, pm, mask_f, CDT, BLOCK_R)
+        phi_i = tl.sigmoid(s * sdf_i)
+        raw = (phi_i - phi_nx + 1e-5) / (phi_i + 1e-5)
+        alpha = tl.where(raw < 0.0, 0.0, tl.where(raw > 1.0, 1.0, raw))
+        in_range = (raw >= 0.0) & (raw <= 1.0)
+        # T_i = T_{i+1} / (1 - a_i); 1 - a_i >= 1e-4 / T_i > 0 whenever section i + 1 was marched
+        inner = sec & (i < nsec - 1)
+        trans = tl.where(inner, trans / tl.where(inner, 1.0 - alpha, 1.0), tl.where(sec, t_last, trans))
+        u = (e_i + e_nx) * 0.5 + g_d * (t_i + t_nx) * 0.5 + g_o
+        w = tl.where(sec, trans * alpha, 0.0)
+        g_alpha = tl.where(sec & in_range, trans * (u - acc_a), 0.0)
+        acc_a = tl.where(sec, alpha * u + (1.0 - alpha) * acc_a, acc_a)
+        inv_den = 1.0 / (phi_i + 1e-5)
+        g_phi_i = g_alpha * phi_nx * inv_den * inv_den
+        g_phi_nx = -g_alpha * inv_den
+        dsig_i = phi_i * (1.0 - phi_i)
+        dsig_nx = phi_nx * (1.0 - phi_nx)
+        gsdf_i = g_phi_i * dsig_i * s
+        gsdf_nx += g_phi_nx * dsig_nx * s
+        g_s += g_phi_i * dsig_i * sdf_i + g_phi_nx * dsig_nx * sdf_nx
+        c_i = w * 0.5
+        c_nx += w * 0.5
+        # point i + 1 is complete: scatter to the volume, chain to its position
+        pm_nx = mask_r & (i + 1 <= nsec)
+        px = ox + t_nx * dx
+        py = oy + t_nx * dy
+        pz = oz + t_nx * dz
+        _scatter_bwd(gvol_ptr, vb, px, py, pz, gsdf_nx, c_nx, gfeat, X, Y, Z, stride_vz, stride_vy, stride_vx,
+                     offs_f, pm_nx & ((gsdf_nx != 0.0) | (c_nx != 0.0)), mask_f, CDT)
+        gpx = gsdf_nx * dsx_nx + c_nx * dex_nx
+        gpy = gsdf_nx * dsy_nx + c_nx * dey_nx
+        gpz = gsdf_nx * dsz_nx + c_nx * dez_nx
+        gox += gpx
+        goy += gpy
+        goz += gpz
+        gdx += t_nx * gpx
+        gdy += t_nx * gpy
+        gdz += t_nx * gpz
+        g_t = c_nx * g_d + gpx * dx + gpy * dy + gpz * dz
+        tl.store(gtp + (i + 1), g_t.to(gt_ptr.dtype.element_ty), mask=pm_nx)
+        # shift
+        t_nx = t_i
+        sdf_nx = sdf_i
+        phi_nx = phi_i
+        e_nx = e_i
+        dsx_nx = dsx_i
+        dsy_nx = dsy_i
+        dsz_nx = dsz_i
+        dex_nx = dex_i
+        dey_nx = dey_i
+        dez_nx = dez_i
+        gsdf_nx = gsdf_i
+        c_nx = c_i
+
+    # point 0
+    px = ox + t_nx * dx
+    py = oy + t_nx * dy
+    pz = oz + t_nx * dz
+    _scatter_bwd(gvol_ptr, vb, px, py, pz, gsdf_nx, c_nx, gfeat, X, Y, Z, stride_vz, stride_vy, stride_vx,
+                 offs_f, mask_r & ((gsdf_nx != 0.0) | (c_nx != 0.0)), mask_f, CDT)
+    gpx = gsdf_nx * dsx_nx + c_nx * dex_nx
+    gpy = gsdf_nx * dsy_nx + c_nx * dey_nx
+    gpz = gsdf_nx * dsz_nx + c_nx * dez_nx
+    gox += gpx
+    goy += gpy
+    goz += gpz
+    gdx += t_nx * gpx
+    gdy += t_nx * gpy
+    gdz += t_nx * gpz
+    g_t = c_nx * g_d + gpx * dx + gpy * dy + gpz * dz
+    tl.store(gtp, g_t.to(gt_ptr.dtype.element_ty), mask=mask_r)
+    ety = go_ptr.dtype.element_ty
+    tl.store(go_ptr + offs_r * 3, gox.to(ety), mask=mask_r)
+    tl.store(go_ptr + offs_r * 3 + 1, goy.to(ety), mask=mask_r)
+    tl.store(go_ptr + offs_r * 3 + 2, goz.to(ety), mask=mask_r)
+    tl.store(gd_ptr + offs_r * 3, gdx.to(ety), mask=mask_r)
+    tl.store(gd_ptr + offs_r * 3 + 1, gdy.to(ety), mask=mask_r)
+    tl.store(gd_ptr + offs_r * 3 + 2, gdz.to(ety), mask=mask_r)
+    tl.store(gs_ptr + offs_r, g_s.to(gs_ptr.dtype.element_ty), mask=mask_r)
+
+
 # ============================================================================ reference
 
 def _check_inputs(volume, origins, dirs, t_vals, inv_s):
@@ -165,6 +525,152 @@ def sdf_gradient_ref(volume_sdf: torch.Tensor, points: torch.Tensor, create_grap
     return torch.stack([grad[a] * scale[a] for a in range(3)], dim=-1)
 
 
+# ============================================================================ launchers
+
+def _compute_dtype(out_dt):
+    return torch.float64 if out_dt == torch.float64 else torch.float32
+
+
+def _tl_dtype(dt):
+    return tl.float64 if dt == torch.float64 else tl.float32
+
+
+def _pick_blocks(nf: int):
+    """(BLOCK_R, BLOCK_F, num_warps). GPU: ~2048-element feature tiles; interpreter: big ray blocks."""
+    block_f = max(16, next_pow2(nf))
+    if interpreting():
+        return 128, block_f, 4
+    return max(8, min(64, 2048 // block_f)), block_f, 4
+
+
+def _prep(volume, origins, dirs, t_vals, inv_s):
+    B, C, R, S = _check_inputs(volume, origins, dirs, t_vals, inv_s)
+    out_dt = _out_dtype(volume, origins, dirs, t_vals)
+    vol = volume.permute(0, 2, 3, 4, 1).contiguous()          # channels-last (B, Z, Y, X, C): one corner = 1 vector
+    return B, C, R, S, out_dt, vol, inv_s.reshape(1).contiguous()
+
+
+def _render_sdf_fwd(volume, origins, dirs, t_vals, inv_s):
+    B, C, R, S, out_dt, vol, s = _prep(volume, origins, dirs, t_vals, inv_s)
+    Z, Y, X = volume.shape[2:]
+    nf = C - 1
+    cdt = _compute_dtype(out_dt)
+    dev = volume.device
+    feat = torch.empty(B, R, max(nf, 1), dtype=out_dt, device=dev)
+    depth = torch.empty(B, R, dtype=out_dt, device=dev)
+    opac = torch.empty(B, R, dtype=out_dt, device=dev)
+    nsec = torch.empty(B, R, dtype=torch.int32, device=dev)
+    tlast = torch.empty(B, R, dtype=cdt, device=dev)
+    nr = B * R
+    if nr > 0:
+        BR, BF, nw = _pick_blocks(nf)
+        _sdf_render_fwd_kernel[(triton.cdiv(nr, BR),)](
+            vol, origins, dirs, t_vals, s, feat, depth, opac, nsec, tlast,
+            nr, R, S, X, Y, Z, nf,
+            vol.stride(0), vol.stride(1), vol.stride(2), vol.stride(3),
+            origins.stride(0), origins.stride(1), origins.stride(2),
+            dirs.stride(0), dirs.stride(1), dirs.stride(2),
+            t_vals.stride(0), t_vals.stride(1), t_vals.stride(2),
+            BLOCK_R=BR, BLOCK_F=BF, CDT=_tl_dtype(cdt), num_warps=nw)
+    return feat[..., :nf], depth, opac, nsec, tlast
+
+
+def _render_sdf_bwd(g_feat, g_depth, g_opac, volume, origins, dirs, t_vals, inv_s, nsec, tlast):
+    B, C, R, S, out_dt, vol, s = _prep(volume, origins, dirs, t_vals, inv_s)
+    Z, Y, X = volume.shape[2:]
+    nf = C - 1
+    cdt = _compute_dtype(out_dt)
+    dev = volume.device
+    gvol = torch.zeros(B, Z, Y, X, C, dtype=cdt, device=dev)  # fp32 atomics target (fp64 for fp64 inputs)
+    g_o = torch.empty(B, R, 3, dtype=cdt, device=dev)
+    g_d = torch.empty(B, R, 3, dtype=cdt, device=dev)
+    g_t = torch.zeros(B, R, S, dtype=cdt, device=dev)
+    g_s = torch.zeros(B, R, dtype=cdt, device=dev)
+    nr = B * R
+    if nr > 0:
+        g_feat = g_feat.contiguous() if nf > 0 else torch.zeros(B, R, 1, dtype=cdt, device=dev)
+        BR, BF, nw = _pick_blocks(nf)
+        _sdf_render_bwd_kernel[(triton.cdiv(nr, BR),)](
+            vol, origins, dirs, t_vals, s, nsec.contiguous(), tlast.contiguous(),
+            g_feat, g_depth.contiguous(), g_opac.contiguous(),
+            gvol, g_o, g_d, g_t, g_s,
+            nr, R, S, X, Y, Z, nf,
+            vol.stride(0), vol.stride(1), vol.stride(2), vol.stride(3),
+            origins.stride(0), origins.stride(1), origins.stride(2),
+            dirs.stride(0), dirs.stride(1), dirs.stride(2),
+            t_vals.stride(0), t_vals.stride(1), t_vals.stride(2),
+            BLOCK_R=BR, BLOCK_F=BF, CDT=_tl_dtype(cdt), num_warps=nw)
+    grad_volume = gvol.permute(0, 4, 1, 2, 3).to(volume.dtype)
+    return (grad_volume, g_o.to(origins.dtype), g_d.to(dirs.dtype), g_t.to(t_vals.dtype),
+            g_s.sum().reshape(inv_s.shape).to(inv_s.dtype))
+
+
+# ============================================================================ registered op
+
+@torch.library.custom_op("nano4d::render_sdf", mutates_args=())
+def _render_sdf_op(volume: torch.Tensor, origins: torch.Tensor, dirs: torch.Tensor, t_vals: torch.Tensor,
+                   inv_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor]:
+    """Returns features, depth, opacity and two per-ray scalars for the backward (sections marched, T_last)."""
+    feat, depth, opac, nsec, tlast = _render_sdf_fwd(volume, origins, dirs, t_vals, inv_s)
+    return feat.clone() if feat.shape[-1] == 0 else feat, depth, opac, nsec, tlast
+
+
+@_render_sdf_op.register_fake
+def _(volume, origins, dirs, t_vals, inv_s):
+    B, C = volume.shape[:2]
+    R = origins.shape[1]
+    out_dt = _out_dtype(volume, origins, dirs, t_vals)
+    cdt = _compute_dtype(out_dt)
+    return (volume.new_empty((B, R, C - 1), dtype=out_dt), volume.new_empty((B, R), dtype=out_dt),
+            volume.new_empty((B, R), dtype=out_dt), volume.new_empty((B, R), dtype=torch.int32),
+            volume.new_empty((B, R), dtype=cdt))
+
+
+@torch.library.custom_op("nano4d::render_sdf_backward", mutates_args=())
+def _render_sdf_backward_op(g_feat: torch.Tensor, g_depth: torch.Tensor, g_opac: torch.Tensor,
+                            volume: torch.Tensor, origins: torch.Tensor, dirs: torch.Tensor, t_vals: torch.Tensor,
+                            inv_s: torch.Tensor, nsec: torch.Tensor, tlast: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    gv, go, gd, gt, gs = _render_sdf_bwd(g_feat, g_depth, g_opac, volume, origins, dirs, t_vals, inv_s, nsec, tlast)
+    return gv.contiguous(), go, gd, gt, gs
+
+
+@_render_sdf_backward_op.register_fake
+def _(g_feat, g_depth, g_opac, volume, origins, dirs, t_vals, inv_s, nsec, tlast):
+    return (torch.empty_like(volume, memory_format=torch.contiguous_format),
+            torch.empty_like(origins, memory_format=torch.contiguous_format),
+            torch.empty_like(dirs, memory_format=torch.contiguous_format),
+            torch.empty_like(t_vals, memory_format=torch.contiguous_format),
+            torch.empty_like(inv_s, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    volume, origins, dirs, t_vals, inv_s = inputs
+    ctx.save_for_backward(volume, origins, dirs, t_vals, inv_s, output[3], output[4])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, g_feat, g_depth, g_opac, _g_nsec, _g_tlast):
+    volume, origins, dirs, t_vals, inv_s, nsec, tlast = ctx.saved_tensors
+    B, C = volume.shape[:2]
+    R = origins.shape[1]
+    out_dt = _out_dtype(volume, origins, dirs, t_vals)
+    if g_feat is None:
+        g_feat = volume.new_zeros((B, R, C - 1), dtype=out_dt)
+    if g_depth is None:
+        g_depth = volume.new_zeros((B, R), dtype=out_dt)
+    if g_opac is None:
+        g_opac = volume.new_zeros((B, R), dtype=out_dt)
+    gv, go, gd, gt, gs = torch.ops.nano4d.render_sdf_backward(
+        g_feat.contiguous(), g_depth.contiguous(), g_opac.contiguous(), volume, origins, dirs, t_vals, inv_s,
+        nsec, tlast)
+    return gv, go, gd, gt, gs
+
+
+_render_sdf_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 # ============================================================================ public op
 
 def _validate_public(volume, origins, dirs, t_vals, inv_s):
@@ -188,4 +694,7 @@ def render_sdf(volume: torch.Tensor, origins: torch.Tensor, dirs: torch.Tensor, 
     S < 2 or unsorted ``t_vals``.
     """
     inv_s = _validate_public(volume, origins, dirs, t_vals, inv_s)
+    if use_triton(volume, origins, dirs, t_vals, inv_s):
+        feat, depth, opac, _, _ = torch.ops.nano4d.render_sdf(volume, origins, dirs, t_vals, inv_s)
+        return feat, depth, opac
     return render_sdf_ref(volume, origins, dirs, t_vals, inv_s)
