@@ -1,0 +1,274 @@
+"""Pure-PyTorch reference for 3D Gaussian splatting (``kernels/splat.py`` holds the kernels).
+
+Written for clarity and independence from the Triton kernels: every pixel is tested against every
+Gaussian of its view (sorted by depth), with the same thresholds as the kernels. It is also the CPU
+path of ``kernels.rasterize_gaussians``, so it is differentiable by autograd and kept usable for small
+training runs:
+
+* only Gaussians with radius > 0 in a view are considered;
+* pixels are processed in square blocks of ``REF_BLOCK`` x ``REF_BLOCK`` pixels; a block only looks at
+  the Gaussians whose tile rectangle overlaps it (an exact pruning: the others are masked out by the
+  per-pixel tile test anyway);
+* when autograd is recording, every block runs under ``torch.utils.checkpoint``, so memory stays at
+  O(pixels + Gaussians) instead of O(pixels x Gaussians); the backward recomputes the block.
+
+Cost is O(B * V * Σ_blocks pixels_in_block * gaussians_touching_block). Measured on a 2-core shared CPU
+(see bench/splat.py --tiny). Suitable up to roughly 1-2 scenes x 8 views x 96x96 pixels x a few
+thousand Gaussians; beyond that use the Triton kernels on a GPU.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+TILE = 16                # tile size (pixels); a Gaussian reaches the pixels of the tiles its 3σ box overlaps
+ALPHA_MIN = 1.0 / 255.0  # contributions with α below this are skipped
+ALPHA_MAX = 0.99         # α is clamped to this
+T_MIN = 1e-4             # a pixel stops once its transmittance would fall below this
+RADIUS_MAX = 2.0 ** 24   # radii are capped (float) before ceil so they fit in int32
+REF_BLOCK = 32           # pixel block of the reference (multiple of TILE)
+
+
+def _quat_to_rotmat(q: torch.Tensor) -> torch.Tensor:
+    q = q / q.norm(dim=-1, keepdim=True)
+    w, x, y, z = q.unbind(-1)
+    R = torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+                     2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+                     2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1)
+    return R.reshape(*q.shape[:-1], 3, 3)
+
+
+def project_gaussians_ref(means, quats, scales, viewmats, Ks, width: int, height: int, near: float = 0.01,
+                          far: float = 1e10, eps2d: float = 0.3):
+    """EWA projection of B scenes x N Gaussians into B x V views (see ``kernels.splat`` docstring).
+
+    Returns means2d (B,V,N,2), conics (B,V,N,3), depths (B,V,N), radii (B,V,N) int32. Culled Gaussians
+    (radius 0) have zero means2d/conics/depths. Differentiable in all float inputs by autograd.
+    """
+    B, N = means.shape[:2]
+    V = viewmats.shape[1]
+    fin = (torch.isfinite(means).all(-1) & torch.isfinite(quats).all(-1) & torch.isfinite(scales).all(-1))
+    fin = fin & (quats.detach().abs().sum(-1) > 0)
+    # sanitize culled inputs so no NaN reaches autograd (0 * NaN = NaN in the backward of torch.where)
+    means = torch.where(fin[..., None], means, torch.zeros_like(means))
+    unit_q = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=quats.dtype, device=quats.device)
+    quats = torch.where(fin[..., None], quats, unit_q)
+    scales = torch.where(fin[..., None], scales, torch.ones_like(scales))
+
+    R = _quat_to_rotmat(quats)                                     # (B,N,3,3)
+    M = R * scales[..., None, :]                                   # R diag(s): Σ = M Mᵀ
+    Wr, t = viewmats[..., :3, :3], viewmats[..., :3, 3]            # (B,V,3,3), (B,V,3)
+    # broadcast products (tiny batched matmuls are slow on CPU): Mc = W M, p = W mean + t
+    Mc = (Wr[:, :, None, :, :, None] * M[:, None, :, None, :, :]).sum(-2)        # (B,V,N,3,3)
+    pc = (Wr[:, :, None] * means[:, None, :, None, :]).sum(-1) + t[:, :, None, :]  # (B,V,N,3)
+    x, y, z = pc.unbind(-1)
+    in_depth = (z >= near) & (z <= far)
+    zs = torch.where(in_depth, z, torch.ones_like(z))
+    fx, fy = Ks[..., 0, 0][:, :, None], Ks[..., 1, 1][:, :, None]
+    cx, cy = Ks[..., 0, 2][:, :, None], Ks[..., 1, 2][:, :, None]
+    zero = torch.zeros_like(zs)
+    # Σ₂ = J Mc Mcᵀ Jᵀ = T Tᵀ with the two rows of T = J Mc
+    T0 = (fx / zs)[..., None] * Mc[..., 0, :] - (fx * x / (zs * zs))[..., None] * Mc[..., 2, :]
+    T1 = (fy / zs)[..., None] * Mc[..., 1, :] - (fy * y / (zs * zs))[..., None] * Mc[..., 2, :]
+    a, b, c = (T0 * T0).sum(-1) + eps2d, (T0 * T1).sum(-1), (T1 * T1).sum(-1) + eps2d
+    det = a * c - b * b
+    ok_det = det > 0
+    dets = torch.where(ok_det, det, torch.ones_like(det))
+    conics = torch.stack([c / dets, -b / dets, a / dets], -1)
+    u, v = fx * x / zs + cx, fy * y / zs + cy
+    with torch.no_grad():
+        mid = 0.5 * (a + c)
+        lam = mid + torch.sqrt(torch.clamp(mid * mid - det, min=0.0))
+        r = torch.ceil(torch.clamp(3.0 * torch.sqrt(torch.clamp(lam, min=0.0)), max=RADIUS_MAX))
+        valid = (fin[:, None] & in_depth & ok_det & (u + r > 0) & (u - r < width) & (v + r > 0)
+                 & (v - r < height) & torch.isfinite(u) & torch.isfinite(v) & torch.isfinite(r)
+                 & torch.isfinite(conics).all(-1))
+        radii = torch.where(valid, r, torch.zeros_like(r)).to(torch.int32)
+    vm = valid[..., None]
+    means2d = torch.where(vm, torch.stack([u, v], -1), torch.zeros((), dtype=u.dtype, device=u.device))
+    conics = torch.where(vm, conics, torch.zeros((), dtype=conics.dtype, device=conics.device))
+    depths = torch.where(valid, z, torch.zeros((), dtype=z.dtype, device=z.device))
+    return means2d, conics, depths, radii
+
+
+def _tile_rect(means2d, radii):
+    """Inclusive tile ranges [tx0, tx1] x [ty0, ty1] (unclamped) of each Gaussian's 3σ square."""
+    r = radii.to(means2d.dtype)
+    lo = torch.floor((means2d.detach() - r[..., None]) / TILE).to(torch.int64)
+    hi = torch.floor((means2d.detach() + r[..., None]) / TILE).to(torch.int64)
+    return lo[..., 0], hi[..., 0], lo[..., 1], hi[..., 1]
+
+
+def _render_block(px, py, jt, it, mu, con, op, col, z, tx0, tx1, ty0, ty1, bg):
+    """Dense front-to-back compositing of P pixels x G depth-sorted Gaussians.
+    Returns colour (P,C), transmittance (P,), accumulated depth (P,)."""
+    dx = px[:, None] - mu[None, :, 0]
+    dy = py[:, None] - mu[None, :, 1]
+    sigma = 0.5 * (con[None, :, 0] * dx * dx + con[None, :, 2] * dy * dy) + con[None, :, 1] * dx * dy
+    alpha = torch.clamp(op[None, :] * torch.exp(-sigma), max=ALPHA_MAX)
+    inbox = (tx0[None] <= jt[:, None]) & (jt[:, None] <= tx1[None]) & (ty0[None] <= it[:, None]) & (it[:, None] <= ty1[None])
+    keep = inbox & (alpha >= ALPHA_MIN) & (sigma >= 0)
+    alpha = torch.where(keep, alpha, torch.zeros((), dtype=alpha.dtype))
+    la = torch.log1p(-alpha)                                        # log(1-α) >= log(0.01): safe
+    cum = torch.cumsum(la, dim=1)                                   # log T after each Gaussian
+    contrib = (torch.exp(cum) >= T_MIN).detach()                    # prefix of the depth order
+    w = torch.where(contrib, alpha * torch.exp(cum - la), torch.zeros((), dtype=alpha.dtype))
+    T = torch.exp(torch.where(contrib, la, torch.zeros((), dtype=la.dtype)).sum(1))
+    return w @ col + T[:, None] * bg[None, :], T, w @ z
+
+
+def rasterize_from_projection_ref(means2d, conics, depths, radii, opacities, colors, background, width: int,
+                                  height: int):
+    """Composite projected Gaussians into B x V images (dense per pixel block; see module docstring).
+    Shapes: means2d (B,V,N,2), conics (B,V,N,3), depths/radii (B,V,N), opacities (B,N), colors (B,N,C),
+    background (B,V,C). Returns colors (B,V,H,W,C), alphas (B,V,H,W,1), depths (B,V,H,W,1)."""
+    B, V, N = radii.shape
+    C = colors.shape[-1]
+    dt, dev = means2d.dtype, means2d.device
+    ii, jj = torch.meshgrid(torch.arange(height, device=dev), torch.arange(width, device=dev), indexing="ij")
+    tx0, tx1, ty0, ty1 = _tile_rect(means2d, radii)
+    use_ckpt = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (means2d, conics, depths, opacities, colors, background))
+    out_c, out_a, out_d = [], [], []
+    for b in range(B):
+        for v in range(V):
+            vis = torch.nonzero(radii[b, v] > 0).flatten()
+            vis = vis[torch.argsort(depths[b, v, vis].detach(), stable=True)]   # front to back; ties by index
+            bg = background[b, v]
+            rows_c, rows_T, rows_d = [], [], []
+            for r0 in range(0, height, REF_BLOCK):
+                r1 = min(height, r0 + REF_BLOCK)
+                blk_c, blk_T, blk_d = [], [], []
+                for c0 in range(0, width, REF_BLOCK):
+                    c1 = min(width, c0 + REF_BLOCK)
+                    bt = (c0 // TILE, (c1 - 1) // TILE, r0 // TILE, (r1 - 1) // TILE)
+                    g = vis[(tx0[b, v, vis] <= bt[1]) & (tx1[b, v, vis] >= bt[0])
+                            & (ty0[b, v, vis] <= bt[3]) & (ty1[b, v, vis] >= bt[2])]
+                    i_blk, j_blk = ii[r0:r1, c0:c1].reshape(-1), jj[r0:r1, c0:c1].reshape(-1)
+                    P = i_blk.numel()
+                    if g.numel() == 0:
+                        blk_c.append(bg.expand(P, C))
+                        blk_T.append(torch.ones(P, dtype=dt, device=dev))
+                        blk_d.append(torch.zeros(P, dtype=dt, device=dev))
+                        continue
+                    args = (j_blk.to(dt) + 0.5, i_blk.to(dt) + 0.5, j_blk // TILE, i_blk // TILE,
+                            means2d[b, v, g], conics[b, v, g], opacities[b, g], colors[b, g], depths[b, v, g],
+                            tx0[b, v, g], tx1[b, v, g], ty0[b, v, g], ty1[b, v, g], bg)
+                    oc, oT, od = (checkpoint(_render_block, *args, use_reentrant=False) if use_ckpt
+                                  else _render_block(*args))
+                    blk_c.append(oc), blk_T.append(oT), blk_d.append(od)
+                h, wb = r1 - r0, [min(width, c0 + REF_BLOCK) - c0 for c0 in range(0, width, REF_BLOCK)]
+                rows_c.append(torch.cat([x.reshape(h, w_, C) for x, w_ in zip(blk_c, wb)], 1))
+                rows_T.append(torch.cat([x.reshape(h, w_) for x, w_ in zip(blk_T, wb)], 1))
+                rows_d.append(torch.cat([x.reshape(h, w_) for x, w_ in zip(blk_d, wb)], 1))
+            img_c, img_T, img_d = torch.cat(rows_c, 0), torch.cat(rows_T, 0), torch.cat(rows_d, 0)
+            out_c.append(img_c), out_a.append(1.0 - img_T), out_d.append(img_d)
+    colors_out = torch.stack(out_c).reshape(B, V, height, width, C)
+    alphas = torch.stack(out_a).reshape(B, V, height, width, 1)
+    depths_out = torch.stack(out_d).reshape(B, V, height, width, 1)
+    return colors_out, alphas, depths_out
+
+
+def rasterize_pairs_ref(means2d, conics, depths, radii, opacities, colors, background, width: int, height: int):
+    """Same result as ``rasterize_from_projection_ref``, evaluated on (pixel, Gaussian) pairs only.
+
+    α ≥ 1/255 needs σ ≤ s = log(255·o), and σ ≤ s bounds |dx| ≤ sqrt(2 s Σ₂ₓₓ), |dy| ≤ sqrt(2 s Σ₂ᵧᵧ).
+    So only pixels in that box (+1 px margin for rounding), inside the Gaussian's tile rectangle and the
+    image, can receive it: every other pair has α < 1/255 or fails the tile test, i.e. contributes
+    exactly nothing. The surviving pairs are sorted by (pixel, depth), laid out as a padded
+    (pixels × max-pairs-per-pixel) matrix and composited front to back with a row cumsum.
+    Cost O(pairs), not O(pixels × Gaussians): this is the CPU path of ``kernels.rasterize_gaussians``.
+    """
+    B, V, N = radii.shape
+    C = colors.shape[-1]
+    H, W = height, width
+    dt, dev = means2d.dtype, means2d.device
+    out_c = torch.zeros(B * V * H * W, C, dtype=dt, device=dev)
+    out_l = torch.zeros(B * V * H * W, dtype=dt, device=dev)       # Σ log(1-α) per pixel -> T
+    out_d = torch.zeros(B * V * H * W, dtype=dt, device=dev)
+    rank = torch.empty(B, V, N, dtype=torch.int64, device=dev)      # depth rank per view (stable)
+    rank.scatter_(-1, torch.argsort(depths.detach(), dim=-1, stable=True),
+                  torch.arange(N, device=dev).expand(B, V, N).contiguous())
+    with torch.no_grad():
+        tx0, tx1, ty0, ty1 = _tile_rect(means2d, radii)
+        con = conics.detach()
+        det = con[..., 0] * con[..., 2] - con[..., 1] ** 2
+        o = opacities.detach()[:, None, :].expand(B, V, N)
+        s = torch.log(torch.clamp(255.0 * o, min=1.0))              # σ bound (0 when o·255 <= 1)
+        live = (radii > 0) & (o * 255.0 >= 1.0) & (det > 0)
+        dets = torch.where(det > 0, det, torch.ones_like(det))
+        hx = torch.sqrt(torch.clamp(2 * s * con[..., 2] / dets, min=0)) + 1.0
+        hy = torch.sqrt(torch.clamp(2 * s * con[..., 0] / dets, min=0)) + 1.0
+        u, v = means2d.detach()[..., 0], means2d.detach()[..., 1]
+        big = float(max(W, H) + 2)
+        j0 = torch.maximum(torch.ceil(torch.clamp(u - hx - 0.5, -big, big)).long(), torch.clamp(tx0 * TILE, min=0))
+        j1 = torch.minimum(torch.floor(torch.clamp(u + hx - 0.5, -big, big)).long(), torch.clamp(tx1 * TILE + TILE - 1, max=W - 1))
+        i0 = torch.maximum(torch.ceil(torch.clamp(v - hy - 0.5, -big, big)).long(), torch.clamp(ty0 * TILE, min=0))
+        i1 = torch.minimum(torch.floor(torch.clamp(v + hy - 0.5, -big, big)).long(), torch.clamp(ty1 * TILE + TILE - 1, max=H - 1))
+        nx, ny = (j1 - j0 + 1).clamp(min=0), (i1 - i0 + 1).clamp(min=0)
+        cnt = torch.where(live, nx * ny, torch.zeros_like(nx)).reshape(-1)
+        keep_g = torch.nonzero(cnt).flatten()                                    # Gaussians with candidates
+        cnt = cnt[keep_g]
+        ints = torch.stack([j0, i0, nx.clamp(min=1), rank], -1).reshape(-1, 4)[keep_g]
+        flts = torch.stack([u, v, con[..., 0], con[..., 1], con[..., 2], o], -1).reshape(-1, 6)[keep_g]
+        loc = torch.repeat_interleave(torch.arange(keep_g.numel(), device=dev), cnt)  # candidate -> row
+        k = torch.arange(loc.numel(), device=dev) - (torch.cumsum(cnt, 0) - cnt)[loc]
+        gi, gf = ints[loc], flts[loc]
+        pj = gi[:, 0] + k % gi[:, 2]
+        pi = gi[:, 1] + k // gi[:, 2]
+        # exact α test (no grad) to drop the pairs that contribute nothing
+        dx, dy = pj.to(dt) + 0.5 - gf[:, 0], pi.to(dt) + 0.5 - gf[:, 1]
+        sig = 0.5 * (gf[:, 2] * dx * dx + gf[:, 4] * dy * dy) + gf[:, 3] * dx * dy
+        keep = (torch.clamp(gf[:, 5] * torch.exp(-sig), max=ALPHA_MAX) >= ALPHA_MIN) & (sig >= 0)
+        loc, pi, pj = loc[keep], pi[keep], pj[keep]
+        g = keep_g[loc]                                                          # flat (b,v,n)
+        pix = ((g // N) * H + pi) * W + pj
+        order = torch.argsort(pix * N + gi[keep, 3])
+        g, pix = g[order], pix[order]
+        n, b = g % N, g // (V * N)
+        seg_pix, seg_id, seg_len = torch.unique_consecutive(pix, return_inverse=True, return_counts=True)
+        L = int(seg_len.max()) if seg_len.numel() else 0
+        pos = torch.arange(g.numel(), device=dev) - (torch.cumsum(seg_len, 0) - seg_len)[seg_id]
+    if g.numel():
+        m2 = means2d.reshape(-1, 2)[g]
+        cg = conics.reshape(-1, 3)[g]
+        dx, dy = (pix % W).to(dt) + 0.5 - m2[:, 0], ((pix // W) % H).to(dt) + 0.5 - m2[:, 1]
+        sig = 0.5 * (cg[:, 0] * dx * dx + cg[:, 2] * dy * dy) + cg[:, 1] * dx * dy
+        alpha = torch.clamp(opacities[b, n] * torch.exp(-sig), max=ALPHA_MAX)
+        la = torch.log1p(-alpha)
+        dense = torch.zeros(seg_pix.numel(), L, dtype=dt, device=dev).index_put((seg_id, pos), la)
+        cum = torch.cumsum(dense, dim=1)[seg_id, pos]                 # log T after this Gaussian
+        contrib = (torch.exp(cum) >= T_MIN).detach()
+        zero = torch.zeros((), dtype=dt, device=dev)
+        w = torch.where(contrib, alpha * torch.exp(cum - la), zero)
+        out_c = out_c.index_add(0, pix, w[:, None] * colors[b, n])
+        out_d = out_d.index_add(0, pix, w * depths.reshape(-1)[g])
+        out_l = out_l.index_add(0, pix, torch.where(contrib, la, zero))
+    T = torch.exp(out_l).reshape(B, V, H, W, 1)
+    colors_out = out_c.reshape(B, V, H, W, C) + T * background[:, :, None, None, :]
+    return colors_out, 1.0 - T, out_d.reshape(B, V, H, W, 1)
+
+
+def rasterize_gaussians_ref(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
+                            near: float = 0.01, far: float = 1e10, background=None, eps2d: float = 0.3,
+                            dense: bool = False):
+    """Reference rasterizer: ``project_gaussians_ref`` + depth-sorted compositing, either the dense
+    every-pixel × every-Gaussian form (``dense=True``, the test oracle) or the equivalent pair form
+    (default, fast enough for small CPU training). Gaussians with a non-finite opacity or colour are
+    culled like those with non-finite geometry."""
+    B, N = means.shape[:2]
+    V, C = viewmats.shape[1], colors.shape[-1]
+    means2d, conics, depths, radii = project_gaussians_ref(means, quats, scales, viewmats, Ks, width, height,
+                                                           near, far, eps2d)
+    ok = torch.isfinite(opacities) & torch.isfinite(colors).all(-1)                 # (B,N)
+    radii = torch.where(ok[:, None], radii, torch.zeros_like(radii))
+    opacities = torch.where(ok, opacities, torch.zeros_like(opacities))
+    colors = torch.where(ok[..., None], colors, torch.zeros_like(colors))
+    if background is None:
+        background = torch.zeros(B, V, C, dtype=means2d.dtype, device=means2d.device)
+    fn = rasterize_from_projection_ref if dense else rasterize_pairs_ref
+    return fn(means2d, conics, depths, radii, opacities, colors, background, width, height)
+
+
+__all__ = ["project_gaussians_ref", "rasterize_gaussians_ref", "rasterize_from_projection_ref", "rasterize_pairs_ref",
+           "TILE", "ALPHA_MIN", "ALPHA_MAX", "T_MIN", "RADIUS_MAX"]
