@@ -37,6 +37,7 @@ Output per object (``nano4d.data.write_gobjaverse_object``): ``<out>/<obj_id>/<v
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import math
@@ -83,7 +84,8 @@ class Material:
 @dataclass
 class Mesh:
     """Triangle mesh: vertices (V, 3) float64, faces (F, 3) int64, per-corner uvs (F, 3, 2) float64 (NaN where
-    the face has no texture coordinates), face_material (F,) int64 into ``materials``."""
+    the face has no texture coordinates), face_material (F,) int64 into ``materials``, per-corner normals
+    (F, 3, 3) float64 from the OBJ's ``vn`` (NaN where absent: such faces are shaded flat)."""
     vertices: np.ndarray
     faces: np.ndarray
     uvs: np.ndarray
@@ -91,6 +93,13 @@ class Mesh:
     materials: list
     path: str = ""
     warnings: list = field(default_factory=list)
+    normals: np.ndarray | None = None
+
+    def replace(self, **kw) -> "Mesh":
+        d = dict(vertices=self.vertices, faces=self.faces, uvs=self.uvs, face_material=self.face_material,
+                 materials=self.materials, path=self.path, warnings=self.warnings, normals=self.normals)
+        d.update(kw)
+        return Mesh(**d)
 
     def bounds(self):
         used = self.vertices[np.unique(self.faces)] if len(self.faces) else self.vertices
@@ -179,7 +188,7 @@ def load_obj(path: str | Path) -> Mesh:
         text = path.read_text(errors="replace")
     except OSError as e:
         raise MeshError(f"{path}: cannot read ({e})") from None
-    verts, tcs, faces, fuv, fmat = [], [], [], [], []
+    verts, tcs, nrms, faces, fuv, fnrm, fmat = [], [], [], [], [], [], []
     materials, mat_index, cur = [], {}, 0
     library, warnings = {}, []
     default = Material("__default__")
@@ -197,21 +206,27 @@ def load_obj(path: str | Path) -> Mesh:
                 verts.append((float(tok[1]), float(tok[2]), float(tok[3])))
             elif key == "vt":
                 tcs.append((float(tok[1]), float(tok[2]) if len(tok) > 2 else 0.0))
+            elif key == "vn":
+                nrms.append((float(tok[1]), float(tok[2]), float(tok[3])))
             elif key == "f":
                 corners = []
                 for c in tok[1:]:
                     parts = c.split("/")
                     vi = int(parts[0])
                     vi = vi - 1 if vi > 0 else len(verts) + vi
-                    ti = None
+                    ti = ni = -1
                     if len(parts) > 1 and parts[1]:
                         ti = int(parts[1])
                         ti = ti - 1 if ti > 0 else len(tcs) + ti
-                    corners.append((vi, ti))
+                    if len(parts) > 2 and parts[2]:
+                        ni = int(parts[2])
+                        ni = ni - 1 if ni > 0 else len(nrms) + ni
+                    corners.append((vi, ti, ni))
                 for k in range(1, len(corners) - 1):
                     tri = (corners[0], corners[k], corners[k + 1])
                     faces.append(tuple(c[0] for c in tri))
-                    fuv.append(tuple(-1 if c[1] is None else c[1] for c in tri))
+                    fuv.append(tuple(c[1] for c in tri))
+                    fnrm.append(tuple(c[2] for c in tri))
                     fmat.append(cur)
             elif key == "mtllib":
                 rest = raw.split(None, 1)[1].strip() if len(tok) > 1 else ""
@@ -243,8 +258,22 @@ def load_obj(path: str | Path) -> Mesh:
         raise MeshError(f"{path}: face vertex index out of range (have {len(V)} vertices)")
     T = np.asarray(tcs, dtype=np.float64).reshape(-1, 2)
     Ti = np.asarray(fuv, dtype=np.int64)
-    if len(T) and (Ti.max() >= len(T) or (Ti < -1).any()):
+    if (Ti >= len(T)).any() or (Ti < -1).any():
         raise MeshError(f"{path}: texture coordinate index out of range (have {len(T)})")
+    Nt = np.asarray(nrms, dtype=np.float64).reshape(-1, 3)
+    Ni = np.asarray(fnrm, dtype=np.int64)
+    bad_n = (Ni >= len(Nt)) | (Ni < -1)
+    if bad_n.any():                        # normals are optional: shade those faces flat instead of failing
+        warnings.append(f"{bad_n.any(1).sum()} face(s) with normal indices out of range (have {len(Nt)}): shaded flat")
+        Ni = np.where(bad_n.any(1, keepdims=True), -1, Ni)
+    normals = np.full(Ni.shape + (3,), np.nan)
+    okn = (Ni >= 0).all(1)                                                     # all three corners or flat
+    if okn.any():
+        nn = Nt[Ni[okn]]
+        ln = np.linalg.norm(nn, axis=-1, keepdims=True)
+        good = (ln[..., 0] > 0).all(1) & np.isfinite(nn).all((1, 2))
+        nn = np.where(good[:, None, None], nn / np.where(ln > 0, ln, 1), np.nan)
+        normals[okn] = nn
     uvs = np.full(Ti.shape + (2,), np.nan)
     ok = Ti >= 0
     if len(T):
@@ -253,14 +282,13 @@ def load_obj(path: str | Path) -> Mesh:
         raise MeshError(f"{path}: non-finite vertex coordinates")
     for m in materials:
         warnings.extend(m.warnings)
-    return Mesh(V, Fi, uvs, np.asarray(fmat, dtype=np.int64), materials, str(path), warnings)
+    return Mesh(V, Fi, uvs, np.asarray(fmat, dtype=np.int64), materials, str(path), warnings, normals)
 
 
 def y_up_to_z_up(mesh: Mesh) -> Mesh:
     """Rotate +90 deg about x: OBJ's y-up convention -> nano4d's z-up world ((x, y, z) -> (x, -z, y))."""
-    v = mesh.vertices
-    return Mesh(np.stack([v[:, 0], -v[:, 2], v[:, 1]], 1), mesh.faces, mesh.uvs, mesh.face_material,
-                mesh.materials, mesh.path, mesh.warnings)
+    rot = lambda v: np.stack([v[..., 0], -v[..., 2], v[..., 1]], -1)  # noqa: E731
+    return mesh.replace(vertices=rot(mesh.vertices), normals=None if mesh.normals is None else rot(mesh.normals))
 
 
 def normalize_mesh(mesh: Mesh, half_extent: float = 0.5):
@@ -272,8 +300,7 @@ def normalize_mesh(mesh: Mesh, half_extent: float = 0.5):
         raise MeshError(f"{mesh.path}: degenerate mesh (zero-size bounding box)")
     offset = (lo + hi) / 2
     scale = 2 * half_extent / ext
-    return (Mesh((mesh.vertices - offset) * scale, mesh.faces, mesh.uvs, mesh.face_material, mesh.materials,
-                 mesh.path, mesh.warnings), scale, offset)
+    return mesh.replace(vertices=(mesh.vertices - offset) * scale), scale, offset
 
 
 def sample_surface(mesh: Mesh, n: int, seed: int = 0) -> np.ndarray:
@@ -372,11 +399,27 @@ class PyBulletRenderer:
                     s = self.max_texture / max(im.size)
                     im = im.resize((max(1, round(im.size[0] * s)), max(1, round(im.size[1] * s))), Image.BILINEAR)
                 out = os.path.join(self._tmp, f"t{len(os.listdir(self._tmp))}.png")
-                im.save(out)
+                im.save(out, compress_level=1)
         except Exception as e:
             self.warnings.append(f"texture {path}: unreadable ({e}); using the material colour")
             return None
         return self.p.loadTexture(out, physicsClientId=self.cid)
+
+    @staticmethod
+    def _weld(mesh: Mesh, sel: np.ndarray, face_n: np.ndarray):
+        """Shared vertices for faces ``sel``: corners are merged when position index, uv and normal agree
+        (OBJ normals where given, else the flat face normal, which merges nothing across faces)."""
+        uv = mesh.uvs[sel]
+        uv = np.where(np.isfinite(uv), uv, 0.0)
+        n = mesh.normals[sel] if mesh.normals is not None else np.full((len(sel), 3, 3), np.nan)
+        flat = ~np.isfinite(n).all((1, 2))
+        n = np.where(flat[:, None, None], face_n[:, None, :], n)
+        vid = mesh.faces[sel].astype(np.float64)
+        tag = np.where(flat, sel, -1).astype(np.float64)                       # flat faces never merge
+        key = np.concatenate([vid[..., None], uv, n, np.broadcast_to(tag[:, None, None], vid.shape + (1,))], -1)
+        uniq, inv = np.unique(key.reshape(-1, 7), axis=0, return_inverse=True)
+        verts = mesh.vertices[uniq[:, 0].astype(np.int64)]
+        return verts, uniq[:, 3:6], uniq[:, 1:3], inv.reshape(-1, 3)
 
     def load(self, mesh: Mesh):
         """Replace the scene by ``mesh`` (one shape per material and face chunk, both windings)."""
@@ -398,17 +441,21 @@ class PyBulletRenderer:
             tex = self._texture(mat.texture) if mat.texture else None
             for c0 in range(0, len(sel), self.MAX_FACES_PER_SHAPE):
                 s = sel[c0:c0 + self.MAX_FACES_PER_SHAPE]
-                t, n = tri[s], fn[s]
-                uv = mesh.uvs[s]
-                uv = np.where(np.isfinite(uv), uv, 0.0)
-                back = t[:, ::-1]                                              # reversed winding
-                verts = np.concatenate([t, back]).reshape(-1, 3)
-                norms = np.concatenate([np.repeat(n[:, None], 3, 1), np.repeat(-n[:, None], 3, 1)]).reshape(-1, 3)
-                uvs = np.concatenate([uv, uv[:, ::-1]]).reshape(-1, 2)
-                vs = p.createVisualShape(p.GEOM_MESH, vertices=verts.tolist(), indices=list(range(len(verts))),
-                                         uvs=uvs.tolist(), normals=norms.tolist(), physicsClientId=self.cid)
+                verts, norms, uvs, idx = self._weld(mesh, s, fn[s])
+                nv = len(verts)
+                # front copy, then the back copy: same positions, flipped normals, reversed winding
+                idx_all = np.concatenate([idx, idx[:, ::-1] + nv]).reshape(-1)
+                gc_was = gc.isenabled()
+                gc.disable()                                                   # building big lists: no GC passes
+                try:
+                    args = dict(vertices=np.concatenate([verts, verts]).tolist(), indices=idx_all.tolist(),
+                                uvs=np.concatenate([uvs, uvs]).tolist(), normals=np.concatenate([norms, -norms]).tolist())
+                finally:
+                    if gc_was:
+                        gc.enable()
+                vs = p.createVisualShape(p.GEOM_MESH, physicsClientId=self.cid, **args)
                 if vs < 0:
-                    raise RuntimeError(f"pybullet could not create a shape with {len(verts)} vertices")
+                    raise RuntimeError(f"pybullet could not create a shape with {2 * nv} vertices")
                 body = p.createMultiBody(baseMass=0, baseVisualShapeIndex=vs, physicsClientId=self.cid)
                 if tex is not None:
                     p.changeVisualShape(body, -1, textureUniqueId=tex, rgbaColor=[1, 1, 1, 1],

@@ -17,7 +17,7 @@ from nano4d.utils import camera_rays, invert_pose, project_points
 RED, BLUE = (230, 20, 20), (20, 20, 230)
 
 
-def _box_obj(folder, half=(0.5, 0.3, 0.2), center=(0.0, 0.0, 0.0), name="box", textured=True, up="z"):
+def _box_obj(folder, half=(0.5, 0.3, 0.2), center=(0.0, 0.0, 0.0), name="box", textured=True, up="z", vn=False):
     """Write ``<folder>/<name>.obj`` (+ .mtl + texture): an axis-aligned box. Side faces get the texture with
     v = 1 on their top edge (up axis), so their upper half is red and lower half blue."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -42,7 +42,11 @@ def _box_obj(folder, half=(0.5, 0.3, 0.2), center=(0.0, 0.0, 0.0), name="box", t
             ua = [a for a in range(3) if a not in (axis, va)][0]
             vt = [{(0, 0): 1, (1, 0): 2, (1, 1): 3, (0, 1): 4}[(int(corners[i, ua] > c[ua]), int(corners[i, va] > c[va]))]
                   for i in idx]
-            lines.append("f " + " ".join(f"{i + 1}/{t}" for i, t in zip(idx, vt)))
+            if vn:  # an explicit per-face normal through vn (exercises the welded-vertex path)
+                lines.append(f"vn {' '.join(str(float(sgn * (a == axis))) for a in range(3))}")
+                lines.append("f " + " ".join(f"{i + 1}/{t}/-1" for i, t in zip(idx, vt)))
+            else:
+                lines.append("f " + " ".join(f"{i + 1}/{t}" for i, t in zip(idx, vt)))
     (folder / f"{name}.obj").write_text("\n".join(lines) + "\n")
     mtl = ["newmtl mat", "Kd 0.2 0.7 0.3"]
     if textured:
@@ -80,6 +84,13 @@ def test_load_obj_polygons_materials_negative_indices(tmp_path):
     assert m.materials[1].kd == (1.0, 0.0, 0.0) and m.materials[2].opacity == 0.5
     assert m.materials[2].texture is None
     assert any("missing.jpg" in w for w in m.warnings) and any("undefined" in w for w in m.warnings)
+    assert any("normal indices out of range" in w for w in m.warnings) and np.isnan(m.normals).all()
+    # vn: per-corner unit normals, rotated with the mesh by the up-axis conversion
+    (tmp_path / "n.obj").write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nvn 0 0 2\nvn 0 1 0\nf 1//1 2//1 3//2\nf 1 2 3\n")
+    n = Me.load_obj(tmp_path / "n.obj")
+    np.testing.assert_allclose(n.normals[0], [[0, 0, 1], [0, 0, 1], [0, 1, 0]])
+    assert np.isnan(n.normals[1]).all()
+    np.testing.assert_allclose(Me.y_up_to_z_up(n).normals[0], [[0, -1, 0], [0, -1, 0], [0, 0, 1]])
 
 
 def test_load_obj_errors_name_the_file(tmp_path):
@@ -203,6 +214,11 @@ def test_render_supersampling(tmp_path, renderer):
     assert (c[:, 1] > c[:, 0]).all() and (c[:, 1] > c[:, 2]).all() and c[:, 1].max() <= 0.7 + 1e-2
     with pytest.raises(ValueError, match="odd"):
         renderer.render(c2w[0], K[0], 32, 32, ssaa=2)
+    # the same box with OBJ normals (welded shared vertices) renders like the flat-shaded one
+    renderer.load(Me.load_obj(_box_obj(tmp_path / "vn", textured=False, vn=True)))
+    rgba_vn, d_vn = renderer.render(c2w[0], K[0], 32, 32, ssaa=3)
+    np.testing.assert_allclose(rgba_vn, rgba3, atol=1.5 / 255)
+    np.testing.assert_allclose(d_vn, d3, atol=1e-6)
 
 
 def test_missing_render_extra_message(monkeypatch):
