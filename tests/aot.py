@@ -6,13 +6,26 @@ compiler. ``aot_compile`` runs that compiler for sm_90 (H100) and sm_80 (A100) a
 
     from tests.aot import aot_compile
     aot_compile(_my_fwd_kernel, {"x_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}, {"BLOCK": 128})
+
+Why a worker process: under the interpreter, ``@triton.jit`` (ours and Triton's own standard library,
+e.g. ``tl.sum``) yields interpreter objects that the compiler cannot take, and importing Triton's
+code generator in that state fails. So compilation runs in one long-lived child process started
+*without* TRITON_INTERPRET, which imports the kernel's module afresh (real ``JITFunction``s) and answers
+compile requests (pickled over its stdin/stdout). It starts on first use (~2-3 s) and serves every test.
+Kernels must be defined at module level (importable by module name or file path).
 """
 from __future__ import annotations
 
+import atexit
+import importlib
+import importlib.util
 import os
+import pickle
+import select
+import subprocess
+import sys
 import types
 
-# The AOT path needs the real compiler, not the interpreter; it does not need a device.
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in max dynamic shared memory per block (bytes)
 TARGETS = (90, 80)
 
@@ -21,83 +34,134 @@ class AOTError(AssertionError):
     pass
 
 
-def aot_compile(fn, signature: dict, constexprs: dict | None = None, targets=TARGETS, num_warps: int = 4,
-                num_stages: int = 3):
-    """Compile ``fn`` (a ``@triton.jit`` function) for each CUDA arch in ``targets``.
+class Compiled:
+    """What the worker sends back: ``asm`` (ptx text, cubin bytes) and ``metadata`` (shared bytes,
+    num_warps, num_stages, registers/spills when the compiler reports them)."""
 
-    ``signature`` maps every argument name to a Triton type string ("*fp32", "*bf16", "i32", "i64",
-    "fp32", ...) or "constexpr"; ``constexprs`` gives the values of the constexpr arguments.
-    Returns ``{arch: compiled}``; each compiled object has a cubin and ``metadata.shared`` (bytes).
-    Raises ``AOTError`` when compilation fails, no cubin is produced, or shared memory exceeds the
-    target's per-block limit.
-    """
+    def __init__(self, asm: dict, metadata: dict):
+        self.asm = asm
+        self.metadata = types.SimpleNamespace(**metadata)
+
+    def __repr__(self):
+        return f"Compiled(shared={self.metadata.shared}, cubin={len(self.asm.get('cubin') or b'')} B)"
+
+
+def _kernel_location(fn):
+    """(module name, file path, attribute name) of a ``@triton.jit`` function, unwrapping
+    InterpretedFunction / heuristics / autotune wrappers."""
+    for _ in range(4):
+        if hasattr(fn, "__module__") and hasattr(fn, "__qualname__") and isinstance(fn, types.FunctionType):
+            break
+        fn = getattr(fn, "fn")
+    mod = sys.modules.get(fn.__module__)
+    path = getattr(mod, "__file__", None) or fn.__code__.co_filename
+    return fn.__module__, path, fn.__name__
+
+
+def _serve():  # runs in the child process: ``python -c "import tests.aot as a; a._serve()"``
+    os.environ.pop("TRITON_INTERPRET", None)
+    inp = sys.stdin.buffer
+    out = os.fdopen(os.dup(1), "wb")                          # replies go to the real stdout...
+    os.dup2(2, 1)                                             # ...anything printed goes to stderr
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    constexprs = dict(constexprs or {})
-    out = {}
-    prev = os.environ.pop("TRITON_INTERPRET", None)  # the compiler path must not be interpreted
-    fn, restore = _as_jit(fn)
-    try:
-        for arch in targets:
-            src = ASTSource(fn=fn, signature=dict(signature), constexprs=constexprs)
-            try:
-                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                          options={"num_warps": num_warps, "num_stages": num_stages})
-            except Exception as e:  # noqa: BLE001 - report any compiler failure as a test failure
-                raise AOTError(f"{getattr(fn, '__name__', fn)}: compile for sm_{arch} failed with "
-                               f"constexprs={constexprs}: {type(e).__name__}: {e}") from e
-            if not compiled.asm.get("cubin"):
-                raise AOTError(f"{fn.__name__}: no cubin for sm_{arch}")
-            shared = int(compiled.metadata.shared)
-            if shared > SHARED_LIMIT[arch]:
-                raise AOTError(f"{fn.__name__}: sm_{arch} needs {shared} B shared memory > limit "
-                               f"{SHARED_LIMIT[arch]} B (constexprs={constexprs}, num_stages={num_stages})")
-            out[arch] = compiled
-    finally:
-        restore()
-        if prev is not None:
-            os.environ["TRITON_INTERPRET"] = prev
-    return out
+    modules = {}
+    while True:
+        try:
+            req = pickle.load(inp)
+        except EOFError:
+            return
+        modname, path, name, signature, constexprs, arch, opts = req
+        try:
+            if modname not in modules:
+                try:
+                    modules[modname] = importlib.import_module(modname)
+                except ImportError:
+                    spec = importlib.util.spec_from_file_location(modname, path)
+                    mod = importlib.util.module_from_spec(spec)
+                    sys.modules[modname] = mod
+                    spec.loader.exec_module(mod)
+                    modules[modname] = mod
+            fn = getattr(modules[modname], name)
+            while not isinstance(fn, triton.runtime.jit.JITFunction):
+                fn = fn.fn                                    # heuristics / autotune wrappers
+            src = ASTSource(fn=fn, signature=dict(signature), constexprs=dict(constexprs))
+            c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+            md = {"shared": int(c.metadata.shared), "num_warps": int(c.metadata.num_warps),
+                  "num_stages": int(c.metadata.num_stages)}
+            for k in ("n_regs", "n_spills"):
+                if hasattr(c, k):
+                    md[k] = int(getattr(c, k))
+            reply = ("ok", {"ptx": c.asm.get("ptx", ""), "cubin": bytes(c.asm.get("cubin") or b"")}, md)
+        except Exception as e:  # noqa: BLE001 - every compiler failure is reported to the caller
+            reply = ("error", f"{type(e).__name__}: {e}", None)
+        pickle.dump(reply, out)
+        out.flush()
 
 
-def _as_jit(fn):
-    """Return a compilable ``JITFunction`` for ``fn`` and a function that undoes any patching.
+_WORKER = {}
 
-    Under ``TRITON_INTERPRET=1`` (set by tests/conftest.py on CPU) ``@triton.jit`` yields
-    ``InterpretedFunction`` objects, which the compiler cannot take. We rebuild a ``JITFunction`` from
-    the Python source and, for the duration of the compile, swap the interpreted ``@triton.jit``
-    helpers the kernel calls (in its module, and in modules that module imports) for JIT ones.
-    ``@triton.heuristics`` / ``@triton.autotune`` wrappers are unwrapped to the kernel they wrap.
+
+def _get_worker():
+    proc = _WORKER.get("proc")
+    if proc is not None and proc.poll() is None:
+        return proc
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real compiler, not the interpreter
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in sys.path if p] + [env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen([sys.executable, "-c", "import tests.aot as a; a._serve()"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=env, cwd=here)
+    _WORKER["proc"] = proc
+    atexit.register(_stop_worker)
+    return proc
+
+
+def _stop_worker():
+    proc = _WORKER.pop("proc", None)
+    if proc is not None and proc.poll() is None:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def aot_compile(fn, signature: dict, constexprs: dict | None = None, targets=TARGETS, num_warps: int = 4,
+                num_stages: int = 3, timeout: float = 300.0, shared_limit: dict | None = None):
+    """Compile ``fn`` (a module-level ``@triton.jit`` function) for each CUDA arch in ``targets``.
+
+    ``signature`` maps every argument name to a Triton type string ("*fp32", "*bf16", "i32", "i64",
+    "fp32", ...) or "constexpr"; ``constexprs`` gives the values of the constexpr arguments.
+    Returns ``{arch: Compiled}``; each has ``asm["cubin"]`` (bytes), ``asm["ptx"]`` and
+    ``metadata.shared`` (bytes). Raises ``AOTError`` when compilation fails, no cubin is produced, or
+    shared memory exceeds the target's per-block limit (``shared_limit`` overrides ``SHARED_LIMIT``).
     """
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    while not isinstance(fn, (JITFunction, InterpretedFunction)) and hasattr(fn, "fn"):
-        fn = fn.fn  # Heuristics / Autotuner
-
-    def convert(f):
-        return JITFunction(f.fn, **{k: v for k, v in f.kwargs.items() if k in _JIT_KWARGS})
-
-    if not isinstance(fn, InterpretedFunction):
-        return fn, lambda: None
-    jit = convert(fn)
-    patched = []  # (namespace dict, key, old value)
-    spaces = [jit.fn.__globals__]
-    spaces += [v.__dict__ for v in jit.fn.__globals__.values() if isinstance(v, types.ModuleType)
-               and getattr(v, "__name__", "").split(".")[0] not in ("triton", "torch", "numpy")]
-    for ns in spaces:
-        for k, v in list(ns.items()):
-            if isinstance(v, InterpretedFunction):
-                patched.append((ns, k, v))
-                ns[k] = convert(v)
-
-    def restore():
-        for ns, k, v in patched:
-            ns[k] = v
-    return jit, restore
-
-
-_JIT_KWARGS = ("version", "do_not_specialize", "do_not_specialize_on_alignment", "debug", "noinline",
-               "repr", "launch_metadata")
+    limits = {**SHARED_LIMIT, **(shared_limit or {})}
+    modname, path, name = _kernel_location(fn)
+    constexprs = dict(constexprs or {})
+    opts = {"num_warps": num_warps, "num_stages": num_stages}
+    out = {}
+    for arch in targets:
+        proc = _get_worker()
+        pickle.dump((modname, path, name, dict(signature), constexprs, arch, opts), proc.stdin)
+        proc.stdin.flush()
+        if not select.select([proc.stdout], [], [], timeout)[0]:
+            proc.kill()
+            raise AOTError(f"{name}: compile for sm_{arch} timed out after {timeout} s")
+        try:
+            status, asm, md = pickle.load(proc.stdout)
+        except EOFError:                                      # the compiler crashed the worker
+            raise AOTError(f"{name}: compiler process died compiling for sm_{arch} "
+                           f"(exit code {proc.wait()})") from None
+        if status != "ok":
+            raise AOTError(f"{name}: compile for sm_{arch} failed with constexprs={constexprs}: {asm}")
+        compiled = Compiled(asm, md)
+        if not asm["cubin"]:
+            raise AOTError(f"{name}: no cubin for sm_{arch}")
+        if md["shared"] > limits[arch]:
+            raise AOTError(f"{name}: sm_{arch} needs {md['shared']} B shared memory > limit "
+                           f"{limits[arch]} B (constexprs={constexprs}, num_stages={num_stages})")
+        out[arch] = compiled
+    return out

@@ -17,12 +17,7 @@ import torch  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 
 if not HAS_CUDA:
-    # Import Triton's code generator *before* switching on the interpreter: the modules it pulls in
-    # define @jit helpers, which must stay compilable for the ahead-of-time tests (tests/aot.py).
-    try:
-        import triton.compiler.code_generator  # noqa: F401
-    except ImportError:  # triton missing: kernel tests will fail loudly on import instead
-        pass
+    # Must be set before triton.language is imported (tests/aot.py compiles in a clean child process).
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ.setdefault("NANO4D_FORCE_TRITON", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
