@@ -31,7 +31,8 @@ Output per object (``nano4d.data.write_gobjaverse_object``): ``<out>/<obj_id>/<v
 (area-uniform samples of the normalized mesh: the ground truth for Chamfer / F-score) and
 ``occupancy.npy`` (32^3, (Z, Y, X), cells over [-0.5, 0.5]^3 crossed by the surface samples), and
 ``render.json`` (source path, normalization, settings). ``<out>/split.json`` = {"train": [...], "val":
-[...]} (val = a deterministic ``--split`` fraction by hash of the object id), ``<out>/failures.json``
+[...]} (val = a deterministic ``--split`` fraction by hash of the object id) and the same lists as
+``<out>/train.json`` / ``<out>/val.json`` (``GObjaverseDataset(out, object_ids=out + "/train.json")``), ``<out>/failures.json``
 (objects that failed, with the reason), ``<out>/preview.png``. Re-running skips finished objects.
 """
 from __future__ import annotations
@@ -670,6 +671,8 @@ def render_collection(src, out, views: int = 40, res: int = 256, split: float = 
     done = sorted(set(ok) | set(skipped))
     split_ids = {"train": [i for i in done if not _heldout(i, split)], "val": [i for i in done if _heldout(i, split)]}
     (out / "split.json").write_text(json.dumps(split_ids, indent=1))
+    for name, ids in split_ids.items():      # plain lists: GObjaverseDataset(out, object_ids=out/"train.json")
+        (out / f"{name}.json").write_text(json.dumps(ids, indent=1))
     (out / "failures.json").write_text(json.dumps(failed, indent=1))
     prev = _preview(out, done) if preview else None
     log(f"render-meshes: {len(ok)} rendered, {len(skipped)} skipped (already done), {len(failed)} failed; "

@@ -271,6 +271,11 @@ def test_prepare_and_render_collection(tmp_path):
     split = json.loads((out / "split.json").read_text())
     assert sorted(split["train"] + split["val"]) == ["mycat__box", "mycat__plain"]
     assert (out / "preview.png").is_file()
+    from nano4d.data import GObjaverseDataset
+    ds = GObjaverseDataset(str(out), num_views=4, object_ids=str(out / ("train.json" if split["train"] else "val.json")))
+    item = ds[0]
+    assert item["images"].shape == (4, 3, 24, 24) and item["depths"].shape == (4, 1, 24, 24)
+    assert len(GObjaverseDataset(str(out), num_views=4)) == 2                 # default: every object folder
 
     o = read_gobjaverse_object(str(out / "mycat__box"))
     assert o["images"].shape == (27, 3, 24, 24) and o["depths"].shape == (27, 1, 24, 24)
