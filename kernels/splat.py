@@ -33,12 +33,371 @@ CPU tensors use the reference (limits in its docstring).
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from kernels._common import FLOAT_DTYPES, check_finite, check_same_device, check_tensor, use_triton
+from kernels._common import (FLOAT_DTYPES, check_finite, check_index_range, check_same_device, check_tensor,
+                             interpreting, next_pow2, use_triton)
 from kernels._splat_ref import (project_gaussians_ref, rasterize_from_projection_ref,  # noqa: F401
                                 rasterize_gaussians_ref)
 
 TILE = 16
+_ALPHA_MIN = 1.0 / 255.0
+_ALPHA_MAX = 0.99
+_T_MIN = 1e-4
+_RADIUS_MAX = 16777216.0  # 2**24
+
+
+# ============================================================================ Triton kernels
+
+
+@triton.jit
+def _fin(x):
+    return (x - x) == 0  # False for NaN and ±Inf
+
+
+@triton.jit
+def _splat_project_fwd_kernel(means_ptr, quats_ptr, scales_ptr, view_ptr, k_ptr,
+                              m2d_ptr, con_ptr, dep_ptr, rad_ptr,
+                              N, V, W, H, near, far, eps2d,
+                              BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """One program per (block of Gaussians, scene·view). Inputs contiguous: means/scales (B,N,3),
+    quats (B,N,4), viewmats (B,V,4,4), Ks (B,V,3,3); outputs (B,V,N,·)."""
+    bv = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    msk = n < N
+    gi = (bv // V) * N + n
+    mx = tl.load(means_ptr + gi * 3 + 0, mask=msk, other=0).to(ACC)
+    my = tl.load(means_ptr + gi * 3 + 1, mask=msk, other=0).to(ACC)
+    mz = tl.load(means_ptr + gi * 3 + 2, mask=msk, other=0).to(ACC)
+    qw = tl.load(quats_ptr + gi * 4 + 0, mask=msk, other=1).to(ACC)
+    qx = tl.load(quats_ptr + gi * 4 + 1, mask=msk, other=0).to(ACC)
+    qy = tl.load(quats_ptr + gi * 4 + 2, mask=msk, other=0).to(ACC)
+    qz = tl.load(quats_ptr + gi * 4 + 3, mask=msk, other=0).to(ACC)
+    sx = tl.load(scales_ptr + gi * 3 + 0, mask=msk, other=1).to(ACC)
+    sy = tl.load(scales_ptr + gi * 3 + 1, mask=msk, other=1).to(ACC)
+    sz = tl.load(scales_ptr + gi * 3 + 2, mask=msk, other=1).to(ACC)
+    qq = qw * qw + qx * qx + qy * qy + qz * qz
+    fin = (_fin(mx) & _fin(my) & _fin(mz) & _fin(qq) & (qq > 0) & _fin(sx) & _fin(sy) & _fin(sz))
+    mx, my, mz = tl.where(fin, mx, 0.0), tl.where(fin, my, 0.0), tl.where(fin, mz, 0.0)
+    sx, sy, sz = tl.where(fin, sx, 1.0), tl.where(fin, sy, 1.0), tl.where(fin, sz, 1.0)
+    rq = 1.0 / tl.sqrt(tl.where(fin, qq, 1.0))
+    w, x, y, z = tl.where(fin, qw * rq, 1.0), tl.where(fin, qx * rq, 0.0), tl.where(fin, qy * rq, 0.0), tl.where(fin, qz * rq, 0.0)
+    r00, r01, r02 = 1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)
+    r10, r11, r12 = 2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)
+    r20, r21, r22 = 2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)
+    vp = view_ptr + bv * 16
+    w00, w01, w02, t0 = tl.load(vp + 0).to(ACC), tl.load(vp + 1).to(ACC), tl.load(vp + 2).to(ACC), tl.load(vp + 3).to(ACC)
+    w10, w11, w12, t1 = tl.load(vp + 4).to(ACC), tl.load(vp + 5).to(ACC), tl.load(vp + 6).to(ACC), tl.load(vp + 7).to(ACC)
+    w20, w21, w22, t2 = tl.load(vp + 8).to(ACC), tl.load(vp + 9).to(ACC), tl.load(vp + 10).to(ACC), tl.load(vp + 11).to(ACC)
+    kp = k_ptr + bv * 9
+    fx, cx, fy, cy = tl.load(kp + 0).to(ACC), tl.load(kp + 2).to(ACC), tl.load(kp + 4).to(ACC), tl.load(kp + 5).to(ACC)
+    # Mc = W R diag(s)
+    m00, m01, m02 = (w00 * r00 + w01 * r10 + w02 * r20) * sx, (w00 * r01 + w01 * r11 + w02 * r21) * sy, (w00 * r02 + w01 * r12 + w02 * r22) * sz
+    m10, m11, m12 = (w10 * r00 + w11 * r10 + w12 * r20) * sx, (w10 * r01 + w11 * r11 + w12 * r21) * sy, (w10 * r02 + w11 * r12 + w12 * r22) * sz
+    m20, m21, m22 = (w20 * r00 + w21 * r10 + w22 * r20) * sx, (w20 * r01 + w21 * r11 + w22 * r21) * sy, (w20 * r02 + w21 * r12 + w22 * r22) * sz
+    px = w00 * mx + w01 * my + w02 * mz + t0
+    py = w10 * mx + w11 * my + w12 * mz + t1
+    pz = w20 * mx + w21 * my + w22 * mz + t2
+    in_depth = (pz >= near) & (pz <= far)
+    rz = 1.0 / tl.where(in_depth, pz, 1.0)
+    j00, j02, j11, j12 = fx * rz, -fx * px * rz * rz, fy * rz, -fy * py * rz * rz
+    a0, a1, a2 = j00 * m00 + j02 * m20, j00 * m01 + j02 * m21, j00 * m02 + j02 * m22   # rows of J Mc
+    b0, b1, b2 = j11 * m10 + j12 * m20, j11 * m11 + j12 * m21, j11 * m12 + j12 * m22
+    ca = a0 * a0 + a1 * a1 + a2 * a2 + eps2d
+    cb = a0 * b0 + a1 * b1 + a2 * b2
+    cc = b0 * b0 + b1 * b1 + b2 * b2 + eps2d
+    det = ca * cc - cb * cb
+    okd = det > 0
+    idet = 1.0 / tl.where(okd, det, 1.0)
+    u, v = fx * px * rz + cx, fy * py * rz + cy
+    mid = 0.5 * (ca + cc)
+    lam = mid + tl.sqrt(tl.maximum(mid * mid - det, 0.0))
+    r = tl.ceil(tl.minimum(3.0 * tl.sqrt(tl.maximum(lam, 0.0)), 16777216.0))
+    valid = (msk & fin & in_depth & okd & (u + r > 0) & (u - r < W) & (v + r > 0) & (v - r < H)
+             & _fin(u) & _fin(v) & _fin(r) & _fin(cc * idet) & _fin(cb * idet) & _fin(ca * idet))
+    o = bv * N + n
+    tl.store(m2d_ptr + o * 2 + 0, tl.where(valid, u, 0.0), mask=msk)
+    tl.store(m2d_ptr + o * 2 + 1, tl.where(valid, v, 0.0), mask=msk)
+    tl.store(con_ptr + o * 3 + 0, tl.where(valid, cc * idet, 0.0), mask=msk)
+    tl.store(con_ptr + o * 3 + 1, tl.where(valid, -cb * idet, 0.0), mask=msk)
+    tl.store(con_ptr + o * 3 + 2, tl.where(valid, ca * idet, 0.0), mask=msk)
+    tl.store(dep_ptr + o, tl.where(valid, pz, 0.0), mask=msk)
+    tl.store(rad_ptr + o, tl.where(valid, r, 0.0).to(tl.int32), mask=msk)
+
+
+@triton.jit
+def _splat_project_bwd_kernel(means_ptr, quats_ptr, scales_ptr, view_ptr, k_ptr, rad_ptr,
+                              gm2d_ptr, gcon_ptr, gdep_ptr, gmeans_ptr, gquats_ptr, gscales_ptr,
+                              N, V, eps2d,
+                              BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Chain rule of the projection for the Gaussians with radius > 0; per-view grads (B,V,N,·)."""
+    bv = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    msk = n < N
+    o = bv * N + n
+    valid = msk & (tl.load(rad_ptr + o, mask=msk, other=0) > 0)
+    gi = (bv // V) * N + n
+    mx = tl.load(means_ptr + gi * 3 + 0, mask=valid, other=0).to(ACC)
+    my = tl.load(means_ptr + gi * 3 + 1, mask=valid, other=0).to(ACC)
+    mz = tl.load(means_ptr + gi * 3 + 2, mask=valid, other=0).to(ACC)
+    qw = tl.load(quats_ptr + gi * 4 + 0, mask=valid, other=1).to(ACC)
+    qx = tl.load(quats_ptr + gi * 4 + 1, mask=valid, other=0).to(ACC)
+    qy = tl.load(quats_ptr + gi * 4 + 2, mask=valid, other=0).to(ACC)
+    qz = tl.load(quats_ptr + gi * 4 + 3, mask=valid, other=0).to(ACC)
+    sx = tl.load(scales_ptr + gi * 3 + 0, mask=valid, other=1).to(ACC)
+    sy = tl.load(scales_ptr + gi * 3 + 1, mask=valid, other=1).to(ACC)
+    sz = tl.load(scales_ptr + gi * 3 + 2, mask=valid, other=1).to(ACC)
+    rq = 1.0 / tl.sqrt(qw * qw + qx * qx + qy * qy + qz * qz)
+    w, x, y, z = qw * rq, qx * rq, qy * rq, qz * rq
+    r00, r01, r02 = 1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)
+    r10, r11, r12 = 2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)
+    r20, r21, r22 = 2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)
+    vp = view_ptr + bv * 16
+    w00, w01, w02, t0 = tl.load(vp + 0).to(ACC), tl.load(vp + 1).to(ACC), tl.load(vp + 2).to(ACC), tl.load(vp + 3).to(ACC)
+    w10, w11, w12, t1 = tl.load(vp + 4).to(ACC), tl.load(vp + 5).to(ACC), tl.load(vp + 6).to(ACC), tl.load(vp + 7).to(ACC)
+    w20, w21, w22, t2 = tl.load(vp + 8).to(ACC), tl.load(vp + 9).to(ACC), tl.load(vp + 10).to(ACC), tl.load(vp + 11).to(ACC)
+    kp = k_ptr + bv * 9
+    fx, fy = tl.load(kp + 0).to(ACC), tl.load(kp + 4).to(ACC)
+    p00, p01, p02 = w00 * r00 + w01 * r10 + w02 * r20, w00 * r01 + w01 * r11 + w02 * r21, w00 * r02 + w01 * r12 + w02 * r22
+    p10, p11, p12 = w10 * r00 + w11 * r10 + w12 * r20, w10 * r01 + w11 * r11 + w12 * r21, w10 * r02 + w11 * r12 + w12 * r22
+    p20, p21, p22 = w20 * r00 + w21 * r10 + w22 * r20, w20 * r01 + w21 * r11 + w22 * r21, w20 * r02 + w21 * r12 + w22 * r22
+    m00, m01, m02 = p00 * sx, p01 * sy, p02 * sz
+    m10, m11, m12 = p10 * sx, p11 * sy, p12 * sz
+    m20, m21, m22 = p20 * sx, p21 * sy, p22 * sz
+    px = w00 * mx + w01 * my + w02 * mz + t0
+    py = w10 * mx + w11 * my + w12 * mz + t1
+    pz = w20 * mx + w21 * my + w22 * mz + t2
+    rz = 1.0 / tl.where(valid, pz, 1.0)
+    j00, j02, j11, j12 = fx * rz, -fx * px * rz * rz, fy * rz, -fy * py * rz * rz
+    a0, a1, a2 = j00 * m00 + j02 * m20, j00 * m01 + j02 * m21, j00 * m02 + j02 * m22
+    b0, b1, b2 = j11 * m10 + j12 * m20, j11 * m11 + j12 * m21, j11 * m12 + j12 * m22
+    ca = a0 * a0 + a1 * a1 + a2 * a2 + eps2d
+    cb = a0 * b0 + a1 * b1 + a2 * b2
+    cc = b0 * b0 + b1 * b1 + b2 * b2 + eps2d
+    det = ca * cc - cb * cb
+    id2 = 1.0 / tl.where(valid, det * det, 1.0)
+    # incoming grads
+    gu = tl.load(gm2d_ptr + o * 2 + 0, mask=valid, other=0).to(ACC)
+    gv = tl.load(gm2d_ptr + o * 2 + 1, mask=valid, other=0).to(ACC)
+    gA = tl.load(gcon_ptr + o * 3 + 0, mask=valid, other=0).to(ACC)
+    gB = tl.load(gcon_ptr + o * 3 + 1, mask=valid, other=0).to(ACC)
+    gC = tl.load(gcon_ptr + o * 3 + 2, mask=valid, other=0).to(ACC)
+    gz = tl.load(gdep_ptr + o, mask=valid, other=0).to(ACC)
+    # conic = (c, -b, a) / det  ->  grads of the 2D covariance entries a=ca, b=cb, c=cc
+    ga = (-gA * cc * cc + gB * cb * cc - gC * cb * cb) * id2
+    gb = (2 * gA * cb * cc - gB * (ca * cc + cb * cb) + 2 * gC * ca * cb) * id2
+    gc = (-gA * cb * cb + gB * ca * cb - gC * ca * ca) * id2
+    ga0, ga1, ga2 = 2 * ga * a0 + gb * b0, 2 * ga * a1 + gb * b1, 2 * ga * a2 + gb * b2
+    gb0, gb1, gb2 = gb * a0 + 2 * gc * b0, gb * a1 + 2 * gc * b1, gb * a2 + 2 * gc * b2
+    # rows of J Mc -> Mc and J
+    gm00, gm01, gm02 = j00 * ga0, j00 * ga1, j00 * ga2
+    gm10, gm11, gm12 = j11 * gb0, j11 * gb1, j11 * gb2
+    gm20, gm21, gm22 = j02 * ga0 + j12 * gb0, j02 * ga1 + j12 * gb1, j02 * ga2 + j12 * gb2
+    gj00 = ga0 * m00 + ga1 * m01 + ga2 * m02
+    gj02 = ga0 * m20 + ga1 * m21 + ga2 * m22
+    gj11 = gb0 * m10 + gb1 * m11 + gb2 * m12
+    gj12 = gb0 * m20 + gb1 * m21 + gb2 * m22
+    # Mc = P diag(s), P = W R
+    gsx = gm00 * p00 + gm10 * p10 + gm20 * p20
+    gsy = gm01 * p01 + gm11 * p11 + gm21 * p21
+    gsz = gm02 * p02 + gm12 * p12 + gm22 * p22
+    gp00, gp01, gp02 = gm00 * sx, gm01 * sy, gm02 * sz
+    gp10, gp11, gp12 = gm10 * sx, gm11 * sy, gm12 * sz
+    gp20, gp21, gp22 = gm20 * sx, gm21 * sy, gm22 * sz
+    g00, g01, g02 = w00 * gp00 + w10 * gp10 + w20 * gp20, w00 * gp01 + w10 * gp11 + w20 * gp21, w00 * gp02 + w10 * gp12 + w20 * gp22
+    g10, g11, g12 = w01 * gp00 + w11 * gp10 + w21 * gp20, w01 * gp01 + w11 * gp11 + w21 * gp21, w01 * gp02 + w11 * gp12 + w21 * gp22
+    g20, g21, g22 = w02 * gp00 + w12 * gp10 + w22 * gp20, w02 * gp01 + w12 * gp11 + w22 * gp21, w02 * gp02 + w12 * gp12 + w22 * gp22
+    gw = 2 * (-z * g01 + y * g02 + z * g10 - x * g12 - y * g20 + x * g21)
+    gx = 2 * (y * g01 + z * g02 + y * g10 - w * g12 + z * g20 + w * g21) - 4 * x * (g11 + g22)
+    gy = 2 * (x * g01 + w * g02 + x * g10 + z * g12 - w * g20 + z * g21) - 4 * y * (g00 + g22)
+    gzq = 2 * (-w * g01 + x * g02 + w * g10 + y * g12 + x * g20 + y * g21) - 4 * z * (g00 + g11)
+    dq = w * gw + x * gx + y * gy + z * gzq
+    gqw, gqx, gqy, gqz = (gw - w * dq) * rq, (gx - x * dq) * rq, (gy - y * dq) * rq, (gzq - z * dq) * rq
+    # camera-space position: J entries, mean2d, depth
+    rz2 = rz * rz
+    gpx = -gj02 * fx * rz2 + gu * fx * rz
+    gpy = -gj12 * fy * rz2 + gv * fy * rz
+    gpz = (-gj00 * fx * rz2 + gj02 * 2 * fx * px * rz2 * rz - gj11 * fy * rz2 + gj12 * 2 * fy * py * rz2 * rz
+           - gu * fx * px * rz2 - gv * fy * py * rz2 + gz)
+    gmx = w00 * gpx + w10 * gpy + w20 * gpz
+    gmy = w01 * gpx + w11 * gpy + w21 * gpz
+    gmz = w02 * gpx + w12 * gpy + w22 * gpz
+    tl.store(gmeans_ptr + o * 3 + 0, tl.where(valid, gmx, 0.0), mask=msk)
+    tl.store(gmeans_ptr + o * 3 + 1, tl.where(valid, gmy, 0.0), mask=msk)
+    tl.store(gmeans_ptr + o * 3 + 2, tl.where(valid, gmz, 0.0), mask=msk)
+    tl.store(gquats_ptr + o * 4 + 0, tl.where(valid, gqw, 0.0), mask=msk)
+    tl.store(gquats_ptr + o * 4 + 1, tl.where(valid, gqx, 0.0), mask=msk)
+    tl.store(gquats_ptr + o * 4 + 2, tl.where(valid, gqy, 0.0), mask=msk)
+    tl.store(gquats_ptr + o * 4 + 3, tl.where(valid, gqz, 0.0), mask=msk)
+    tl.store(gscales_ptr + o * 3 + 0, tl.where(valid, gsx, 0.0), mask=msk)
+    tl.store(gscales_ptr + o * 3 + 1, tl.where(valid, gsy, 0.0), mask=msk)
+    tl.store(gscales_ptr + o * 3 + 2, tl.where(valid, gsz, 0.0), mask=msk)
+
+
+@triton.jit
+def _splat_raster_fwd_kernel(m2d_ptr, con_ptr, dep_ptr, opa_ptr, col_ptr, bg_ptr, off_ptr, ids_ptr,
+                             out_c_ptr, out_a_ptr, out_d_ptr, out_t_ptr, last_ptr,
+                             N, V, C, H, W, TW, NT,
+                             TILE: tl.constexpr, G: tl.constexpr, CB: tl.constexpr, ACC: tl.constexpr):
+    """One program per (tile, scene·view, channel block). Gaussians of the tile in chunks of G, front to
+    back: α (G × TILE²), transmittance by a cumsum of log(1−α), colours by a dot; exits once every
+    pixel of the tile is done. Writes T and the last contributor (count from the range start)."""
+    pid_t = tl.program_id(0)
+    bv = tl.program_id(1).to(tl.int64)
+    pid_c = tl.program_id(2)
+    b = bv // V
+    p = tl.arange(0, TILE * TILE)
+    i = (pid_t // TW) * TILE + p // TILE
+    j = (pid_t % TW) * TILE + p % TILE
+    inside = (i < H) & (j < W)
+    pxf = j.to(ACC) + 0.5
+    pyf = i.to(ACC) + 0.5
+    start = tl.load(off_ptr + bv * NT + pid_t)
+    end = tl.load(off_ptr + bv * NT + pid_t + 1)
+    cs = pid_c * CB + tl.arange(0, CB)
+    cmask = cs < C
+    g = tl.arange(0, G)
+    T = tl.full([TILE * TILE], 1.0, ACC)
+    acc = tl.zeros([TILE * TILE, CB], ACC)
+    accd = tl.zeros([TILE * TILE], ACC)
+    last = tl.zeros([TILE * TILE], tl.int32)
+    done = ~inside
+    alive = tl.sum(inside.to(tl.int32), 0)
+    cur = start
+    while (cur < end) & (alive > 0):
+        idx = cur + g
+        gval = idx < end
+        gid = tl.load(ids_ptr + idx, mask=gval, other=0).to(tl.int64)
+        gb = bv * N + gid
+        mx = tl.load(m2d_ptr + gb * 2 + 0, mask=gval, other=0).to(ACC)
+        my = tl.load(m2d_ptr + gb * 2 + 1, mask=gval, other=0).to(ACC)
+        ca = tl.load(con_ptr + gb * 3 + 0, mask=gval, other=0).to(ACC)
+        cb = tl.load(con_ptr + gb * 3 + 1, mask=gval, other=0).to(ACC)
+        cc = tl.load(con_ptr + gb * 3 + 2, mask=gval, other=0).to(ACC)
+        zz = tl.load(dep_ptr + gb, mask=gval, other=0).to(ACC)
+        op = tl.load(opa_ptr + b * N + gid, mask=gval, other=0).to(ACC)
+        dx = pxf[None, :] - mx[:, None]
+        dy = pyf[None, :] - my[:, None]
+        sig = 0.5 * (ca[:, None] * dx * dx + cc[:, None] * dy * dy) + cb[:, None] * dx * dy
+        al = tl.minimum(op[:, None] * tl.exp(-sig), 0.99)
+        keep = gval[:, None] & (al >= 1.0 / 255.0) & (sig >= 0) & (~done)[None, :]
+        al = tl.where(keep, al, 0.0)
+        la = tl.log(1.0 - al)
+        cum = tl.cumsum(la, axis=0)
+        tin = T[None, :] * tl.exp(cum)
+        ok = keep & (tin >= 1e-4)
+        wgt = tl.where(ok, al * T[None, :] * tl.exp(cum - la), 0.0)
+        col = tl.load(col_ptr + (b * N + gid)[:, None] * C + cs[None, :], mask=gval[:, None] & cmask[None, :],
+                      other=0).to(ACC)
+        acc += tl.dot(tl.trans(wgt), col, input_precision="ieee")
+        accd += tl.sum(wgt * zz[:, None], axis=0)
+        last = tl.maximum(last, tl.max(tl.where(ok, (idx - start + 1)[:, None], 0), axis=0))
+        T = T * tl.exp(tl.sum(tl.where(ok, la, 0.0), axis=0))
+        done = done | (tl.min(tin, axis=0) < 1e-4)
+        alive = tl.sum((~done).to(tl.int32), 0)
+        cur += G
+    pix = (bv * H + i) * W + j
+    bg = tl.load(bg_ptr + bv * C + cs, mask=cmask, other=0).to(ACC)
+    tl.store(out_c_ptr + pix[:, None] * C + cs[None, :], acc + T[:, None] * bg[None, :],
+             mask=inside[:, None] & cmask[None, :])
+    if pid_c == 0:
+        tl.store(out_a_ptr + pix, 1.0 - T, mask=inside)
+        tl.store(out_d_ptr + pix, accd, mask=inside)
+        tl.store(out_t_ptr + pix, T, mask=inside)
+        tl.store(last_ptr + pix, last, mask=inside)
+
+
+@triton.jit
+def _splat_raster_bwd_kernel(m2d_ptr, con_ptr, dep_ptr, opa_ptr, col_ptr, bg_ptr, off_ptr, ids_ptr,
+                             t_ptr, last_ptr, gc_ptr, ga_ptr, gd_ptr,
+                             gm2d_ptr, gcon_ptr, gdep_ptr, gopa_ptr, gcol_ptr,
+                             N, V, C, H, W, TW, NT,
+                             TILE: tl.constexpr, G: tl.constexpr, CB: tl.constexpr, ACC: tl.constexpr):
+    """One program per (tile, scene·view): chunks of G Gaussians back to front from the tile's last
+    contributor; T before each Gaussian is recovered from the saved final T with a reverse cumsum of
+    log(1−α); per-Gaussian grads are summed over the tile and added with atomics."""
+    pid_t = tl.program_id(0)
+    bv = tl.program_id(1).to(tl.int64)
+    b = bv // V
+    p = tl.arange(0, TILE * TILE)
+    i = (pid_t // TW) * TILE + p // TILE
+    j = (pid_t % TW) * TILE + p % TILE
+    inside = (i < H) & (j < W)
+    pxf = j.to(ACC) + 0.5
+    pyf = i.to(ACC) + 0.5
+    pix = (bv * H + i) * W + j
+    start = tl.load(off_ptr + bv * NT + pid_t)
+    tfin = tl.load(t_ptr + pix, mask=inside, other=1).to(ACC)
+    lst = tl.load(last_ptr + pix, mask=inside, other=0)
+    g_a = tl.load(ga_ptr + pix, mask=inside, other=0).to(ACC)
+    g_d = tl.load(gd_ptr + pix, mask=inside, other=0).to(ACC)
+    gcbg = tl.zeros([TILE * TILE], ACC)
+    for c0 in range(0, C, CB):
+        cs = c0 + tl.arange(0, CB)
+        gcc = tl.load(gc_ptr + pix[:, None] * C + cs[None, :], mask=inside[:, None] & (cs < C)[None, :], other=0).to(ACC)
+        bg = tl.load(bg_ptr + bv * C + cs, mask=cs < C, other=0).to(ACC)
+        gcbg += tl.sum(gcc * bg[None, :], axis=1)
+    behind = tfin * (gcbg - g_a)   # Σ_{k>i} w_k (gC·c_k + gD z_k) + T_N (gC·bg) − T_N gA, updated per chunk
+    tcur = tfin
+    g = tl.arange(0, G)
+    e = start + tl.max(lst, 0)
+    while e > start:
+        idx = e - G + g
+        gval = idx >= start
+        gid = tl.load(ids_ptr + idx, mask=gval, other=0).to(tl.int64)
+        gb = bv * N + gid
+        mx = tl.load(m2d_ptr + gb * 2 + 0, mask=gval, other=0).to(ACC)
+        my = tl.load(m2d_ptr + gb * 2 + 1, mask=gval, other=0).to(ACC)
+        ca = tl.load(con_ptr + gb * 3 + 0, mask=gval, other=0).to(ACC)
+        cb = tl.load(con_ptr + gb * 3 + 1, mask=gval, other=0).to(ACC)
+        cc = tl.load(con_ptr + gb * 3 + 2, mask=gval, other=0).to(ACC)
+        zz = tl.load(dep_ptr + gb, mask=gval, other=0).to(ACC)
+        op = tl.load(opa_ptr + b * N + gid, mask=gval, other=0).to(ACC)
+        dx = pxf[None, :] - mx[:, None]
+        dy = pyf[None, :] - my[:, None]
+        sig = 0.5 * (ca[:, None] * dx * dx + cc[:, None] * dy * dy) + cb[:, None] * dx * dy
+        ex = tl.exp(-sig)
+        araw = op[:, None] * ex
+        al = tl.minimum(araw, 0.99)
+        keep = gval[:, None] & (al >= 1.0 / 255.0) & (sig >= 0) & ((idx - start)[:, None] < lst[None, :])
+        al = tl.where(keep, al, 0.0)
+        la = tl.log(1.0 - al)
+        tex = tcur[None, :] * tl.exp(-tl.cumsum(la, axis=0, reverse=True))   # T before each Gaussian
+        wgt = al * tex
+        gcd = tl.zeros([G, TILE * TILE], ACC)
+        for c0 in range(0, C, CB):
+            cs = c0 + tl.arange(0, CB)
+            cm = cs < C
+            col = tl.load(col_ptr + (b * N + gid)[:, None] * C + cs[None, :], mask=gval[:, None] & cm[None, :],
+                          other=0).to(ACC)
+            gcc = tl.load(gc_ptr + pix[:, None] * C + cs[None, :], mask=inside[:, None] & cm[None, :], other=0).to(ACC)
+            gcd += tl.dot(col, tl.trans(gcc), input_precision="ieee")
+            gcol = tl.dot(wgt, gcc, input_precision="ieee")
+            tl.atomic_add(gcol_ptr + (b * N + gid)[:, None] * C + cs[None, :], gcol, mask=gval[:, None] & cm[None, :])
+        sv = gcd + g_d[None, :] * zz[:, None]
+        vv = wgt * sv
+        bk = behind[None, :] + tl.cumsum(vv, axis=0, reverse=True) - vv
+        gal = tl.where(keep, tex * sv - bk / (1.0 - al), 0.0)
+        live = araw <= 0.99
+        gsig = tl.where(live, -gal * al, 0.0)
+        gop = tl.sum(tl.where(live, gal * ex, 0.0), axis=1)
+        gmx = tl.sum(-gsig * (ca[:, None] * dx + cb[:, None] * dy), axis=1)
+        gmy = tl.sum(-gsig * (cb[:, None] * dx + cc[:, None] * dy), axis=1)
+        gca = tl.sum(0.5 * gsig * dx * dx, axis=1)
+        gcb = tl.sum(gsig * dx * dy, axis=1)
+        gcc_ = tl.sum(0.5 * gsig * dy * dy, axis=1)
+        gz = tl.sum(wgt * g_d[None, :], axis=1)
+        tl.atomic_add(gm2d_ptr + gb * 2 + 0, gmx, mask=gval)
+        tl.atomic_add(gm2d_ptr + gb * 2 + 1, gmy, mask=gval)
+        tl.atomic_add(gcon_ptr + gb * 3 + 0, gca, mask=gval)
+        tl.atomic_add(gcon_ptr + gb * 3 + 1, gcb, mask=gval)
+        tl.atomic_add(gcon_ptr + gb * 3 + 2, gcc_, mask=gval)
+        tl.atomic_add(gdep_ptr + gb, gz, mask=gval)
+        tl.atomic_add(gopa_ptr + b * N + gid, gop, mask=gval)
+        behind += tl.sum(vv, axis=0)
+        tcur = tcur * tl.exp(-tl.sum(la, axis=0))
+        e -= G
 
 
 # ============================================================================ validation
@@ -100,6 +459,218 @@ def _validate(means, quats, scales, viewmats, Ks, width, height, near, far, eps2
     return B, V, N, C, dt
 
 
+# ============================================================================ launchers
+
+
+def _acc(dt):
+    return tl.float64 if dt == torch.float64 else tl.float32
+
+
+def _proj_block(n: int) -> int:
+    return 1024 if interpreting() else 256
+
+
+def _raster_blocks(C: int):
+    """(G Gaussians per chunk, CB channels per block). Big chunks under the interpreter (each loop
+    iteration costs ~1 ms there); 16 on the GPU (tl.dot needs >= 16; keeps registers in check)."""
+    G = 64 if interpreting() else 16
+    CB = max(16, min(64, next_pow2(C)))
+    return G, CB
+
+
+def _project_fwd(means, quats, scales, viewmats, Ks, width, height, near, far, eps2d):
+    B, N = means.shape[:2]
+    V = viewmats.shape[1]
+    dt, dev = means.dtype, means.device
+    means, quats, scales, viewmats, Ks = (t.contiguous() for t in (means, quats, scales, viewmats, Ks))
+    m2d = torch.empty(B, V, N, 2, dtype=dt, device=dev)
+    con = torch.empty(B, V, N, 3, dtype=dt, device=dev)
+    dep = torch.empty(B, V, N, dtype=dt, device=dev)
+    rad = torch.empty(B, V, N, dtype=torch.int32, device=dev)
+    if N == 0:
+        return m2d, con, dep, rad
+    BLOCK = _proj_block(N)
+    _splat_project_fwd_kernel[(triton.cdiv(N, BLOCK), B * V)](
+        means, quats, scales, viewmats, Ks, m2d, con, dep, rad, N, V, width, height,
+        float(near), float(far), float(eps2d), BLOCK=BLOCK, ACC=_acc(dt))
+    return m2d, con, dep, rad
+
+
+def _project_bwd(means, quats, scales, viewmats, Ks, radii, g_m2d, g_con, g_dep, eps2d):
+    B, N = means.shape[:2]
+    V = viewmats.shape[1]
+    dt, dev = means.dtype, means.device
+    g_means = torch.zeros(B, V, N, 3, dtype=dt, device=dev)
+    g_quats = torch.zeros(B, V, N, 4, dtype=dt, device=dev)
+    g_scales = torch.zeros(B, V, N, 3, dtype=dt, device=dev)
+    if N > 0:
+        BLOCK = _proj_block(N)
+        _splat_project_bwd_kernel[(triton.cdiv(N, BLOCK), B * V)](
+            means.contiguous(), quats.contiguous(), scales.contiguous(), viewmats.contiguous(), Ks.contiguous(),
+            radii.contiguous(), g_m2d.contiguous(), g_con.contiguous(), g_dep.contiguous(),
+            g_means, g_quats, g_scales, N, V, float(eps2d), BLOCK=BLOCK, ACC=_acc(dt))
+    return g_means.sum(1), g_quats.sum(1), g_scales.sum(1)
+
+
+def _bin_gaussians(means2d, depths, radii, width: int, height: int):
+    """Per (scene·view, tile) lists of the Gaussians whose 3σ square overlaps the tile, front to back.
+
+    Returns offsets (B·V·tiles + 1,) int32 and ids (M,) int32 (Gaussian index n within its view): the
+    list of flat tile t = (b·V + v)·tiles + ty·TW + tx is ids[offsets[t]:offsets[t+1]]. One torch.sort
+    of int64 keys (flat tile << 32 | depth rank); ties in depth keep the Gaussian order.
+    Raises ValueError (before any large allocation) when an index would overflow int32.
+    """
+    B, V, N = radii.shape
+    dev = means2d.device
+    TW, TH = triton.cdiv(width, TILE), triton.cdiv(height, TILE)
+    NT = TW * TH
+    check_index_range("tiles (B * V * tiles_x * tiles_y)", B * V * NT)
+    r = radii.to(means2d.dtype)[..., None]
+    lo = torch.floor((means2d - r) / TILE)
+    hi = torch.floor((means2d + r) / TILE)
+    tx0 = lo[..., 0].clamp(0, TW - 1).long()
+    tx1 = hi[..., 0].clamp(0, TW - 1).long()
+    ty0 = lo[..., 1].clamp(0, TH - 1).long()
+    ty1 = hi[..., 1].clamp(0, TH - 1).long()
+    nx = (tx1 - tx0 + 1).clamp(min=0)
+    cnt = torch.where(radii > 0, nx * (ty1 - ty0 + 1).clamp(min=0), torch.zeros_like(nx)).reshape(-1)
+    total = int(cnt.sum()) if cnt.numel() else 0
+    check_index_range("intersections (Gaussian x tile pairs)", total)
+    rank = torch.empty(B, V, N, dtype=torch.int64, device=dev)
+    rank.scatter_(-1, torch.argsort(depths, dim=-1, stable=True),
+                  torch.arange(N, device=dev).expand(B, V, N).contiguous())
+    gidx = torch.repeat_interleave(torch.arange(B * V * N, device=dev), cnt, output_size=total)
+    k = torch.arange(total, device=dev) - (torch.cumsum(cnt, 0) - cnt)[gidx]
+    nxg = nx.reshape(-1)[gidx].clamp(min=1)
+    tx = tx0.reshape(-1)[gidx] + k % nxg
+    ty = ty0.reshape(-1)[gidx] + k // nxg
+    tile = (gidx // N) * NT + ty * TW + tx
+    keys, order = torch.sort((tile << 32) | rank.reshape(-1)[gidx])
+    ids = (gidx[order] % N).to(torch.int32)
+    offsets = torch.searchsorted(keys >> 32, torch.arange(B * V * NT + 1, device=dev)).to(torch.int32)
+    return offsets, ids
+
+
+def _rasterize_fwd(means2d, conics, depths, opacities, colors, background, offsets, ids, width, height):
+    B, V, N = depths.shape
+    C = colors.shape[-1]
+    dt, dev = means2d.dtype, means2d.device
+    H, W = height, width
+    out_c = torch.empty(B, V, H, W, C, dtype=dt, device=dev)
+    out_a = torch.empty(B, V, H, W, 1, dtype=dt, device=dev)
+    out_d = torch.empty(B, V, H, W, 1, dtype=dt, device=dev)
+    out_t = torch.empty(B, V, H, W, dtype=dt, device=dev)
+    last = torch.empty(B, V, H, W, dtype=torch.int32, device=dev)
+    TW, TH = triton.cdiv(W, TILE), triton.cdiv(H, TILE)
+    G, CB = _raster_blocks(C)
+    _splat_raster_fwd_kernel[(TW * TH, B * V, triton.cdiv(C, CB))](
+        means2d.contiguous(), conics.contiguous(), depths.contiguous(), opacities.contiguous(),
+        colors.contiguous(), background.contiguous(), offsets, ids, out_c, out_a, out_d, out_t, last,
+        N, V, C, H, W, TW, TW * TH, TILE=TILE, G=G, CB=CB, ACC=_acc(dt), num_warps=4)
+    return out_c, out_a, out_d, out_t, last
+
+
+def _rasterize_bwd(means2d, conics, depths, opacities, colors, background, offsets, ids, width, height,
+                   out_t, last, g_c, g_a, g_d):
+    B, V, N = depths.shape
+    C = colors.shape[-1]
+    dt, dev = means2d.dtype, means2d.device
+    H, W = height, width
+    g_m2d = torch.zeros(B, V, N, 2, dtype=dt, device=dev)
+    g_con = torch.zeros(B, V, N, 3, dtype=dt, device=dev)
+    g_dep = torch.zeros(B, V, N, dtype=dt, device=dev)
+    g_opa = torch.zeros(B, N, dtype=dt, device=dev)
+    g_col = torch.zeros(B, N, C, dtype=dt, device=dev)
+    TW, TH = triton.cdiv(W, TILE), triton.cdiv(H, TILE)
+    G, CB = _raster_blocks(C)
+    _splat_raster_bwd_kernel[(TW * TH, B * V)](
+        means2d.contiguous(), conics.contiguous(), depths.contiguous(), opacities.contiguous(),
+        colors.contiguous(), background.contiguous(), offsets, ids, out_t, last,
+        g_c.contiguous(), g_a.contiguous(), g_d.contiguous(), g_m2d, g_con, g_dep, g_opa, g_col,
+        N, V, C, H, W, TW, TW * TH, TILE=TILE, G=G, CB=CB, ACC=_acc(dt), num_warps=4)
+    g_bg = (out_t[..., None] * g_c).sum((2, 3))
+    return g_m2d, g_con, g_dep, g_opa, g_col, g_bg
+
+
+# ============================================================================ registered ops
+
+
+@torch.library.custom_op("nano4d::splat_project", mutates_args=())
+def _project_op(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, viewmats: torch.Tensor,
+                Ks: torch.Tensor, width: int, height: int, near: float, far: float, eps2d: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _project_fwd(means, quats, scales, viewmats, Ks, width, height, near, far, eps2d)
+
+
+@_project_op.register_fake
+def _(means, quats, scales, viewmats, Ks, width, height, near, far, eps2d):
+    B, N, V = means.shape[0], means.shape[1], viewmats.shape[1]
+    return (means.new_empty(B, V, N, 2), means.new_empty(B, V, N, 3), means.new_empty(B, V, N),
+            means.new_empty(B, V, N, dtype=torch.int32))
+
+
+def _project_setup(ctx, inputs, output):
+    means, quats, scales, viewmats, Ks, width, height, near, far, eps2d = inputs
+    ctx.save_for_backward(means, quats, scales, viewmats, Ks, output[3])
+    ctx.eps2d = eps2d
+    ctx.mark_non_differentiable(output[3])
+
+
+def _project_backward(ctx, g_m2d, g_con, g_dep, g_rad):
+    means, quats, scales, viewmats, Ks, radii = ctx.saved_tensors
+    B, N, V = means.shape[0], means.shape[1], viewmats.shape[1]
+    z = lambda *s: torch.zeros(*s, dtype=means.dtype, device=means.device)  # noqa: E731
+    g_m2d = z(B, V, N, 2) if g_m2d is None else g_m2d
+    g_con = z(B, V, N, 3) if g_con is None else g_con
+    g_dep = z(B, V, N) if g_dep is None else g_dep
+    gm, gq, gs = _project_bwd(means, quats, scales, viewmats, Ks, radii, g_m2d, g_con, g_dep, ctx.eps2d)
+    return gm, gq, gs, None, None, None, None, None, None, None
+
+
+_project_op.register_autograd(_project_backward, setup_context=_project_setup)
+
+
+@torch.library.custom_op("nano4d::splat_rasterize", mutates_args=())
+def _raster_op(means2d: torch.Tensor, conics: torch.Tensor, depths: torch.Tensor, opacities: torch.Tensor,
+               colors: torch.Tensor, background: torch.Tensor, offsets: torch.Tensor, ids: torch.Tensor,
+               width: int, height: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _rasterize_fwd(means2d, conics, depths, opacities, colors, background, offsets, ids, width, height)
+
+
+@_raster_op.register_fake
+def _(means2d, conics, depths, opacities, colors, background, offsets, ids, width, height):
+    B, V = depths.shape[:2]
+    C = colors.shape[-1]
+    e = means2d.new_empty
+    return (e(B, V, height, width, C), e(B, V, height, width, 1), e(B, V, height, width, 1),
+            e(B, V, height, width), e(B, V, height, width, dtype=torch.int32))
+
+
+def _raster_setup(ctx, inputs, output):
+    means2d, conics, depths, opacities, colors, background, offsets, ids, width, height = inputs
+    ctx.save_for_backward(means2d, conics, depths, opacities, colors, background, offsets, ids, output[3], output[4])
+    ctx.size = (width, height)
+    ctx.mark_non_differentiable(output[3], output[4])
+
+
+def _raster_backward(ctx, g_c, g_a, g_d, g_t, g_last):
+    means2d, conics, depths, opacities, colors, background, offsets, ids, out_t, last = ctx.saved_tensors
+    width, height = ctx.size
+    B, V = depths.shape[:2]
+    C = colors.shape[-1]
+    z = lambda *s: torch.zeros(*s, dtype=means2d.dtype, device=means2d.device)  # noqa: E731
+    g_c = z(B, V, height, width, C) if g_c is None else g_c
+    g_a = z(B, V, height, width, 1) if g_a is None else g_a
+    g_d = z(B, V, height, width, 1) if g_d is None else g_d
+    grads = _rasterize_bwd(means2d, conics, depths, opacities, colors, background, offsets, ids, width, height,
+                           out_t, last, g_c, g_a, g_d)
+    return (*grads, None, None, None, None)
+
+
+_raster_op.register_autograd(_raster_backward, setup_context=_raster_setup)
+
+
 # ============================================================================ public API
 
 
@@ -112,6 +683,8 @@ def project_gaussians(means, quats, scales, viewmats, Ks, width: int, height: in
     """
     B, V, N, _, dt = _validate(means, quats, scales, viewmats, Ks, width, height, near, far, eps2d)
     args = [t.to(dt) for t in (means, quats, scales, viewmats, Ks)]
+    if use_triton(means):
+        return torch.ops.nano4d.splat_project(*args, width, height, float(near), float(far), float(eps2d))
     return project_gaussians_ref(*args, width, height, near, far, eps2d)
 
 
@@ -126,8 +699,26 @@ def rasterize_gaussians(means, quats, scales, opacities, colors, viewmats, Ks, w
                                opacities, colors, background)
     if background is None:
         background = torch.zeros(B, V, C, dtype=dt, device=means.device)
-    args = [t.to(dt) for t in (means, quats, scales, opacities, colors, viewmats, Ks)]
-    return rasterize_gaussians_ref(*args, width, height, near, far, background.to(dt), eps2d)
+    means, quats, scales, opacities, colors, viewmats, Ks = (
+        t.to(dt) for t in (means, quats, scales, opacities, colors, viewmats, Ks))
+    background = background.to(dt)
+    if not use_triton(means):
+        return rasterize_gaussians_ref(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+                                       near, far, background, eps2d)
+    TW, TH = triton.cdiv(width, TILE), triton.cdiv(height, TILE)
+    check_index_range("tiles (B * V * tiles_x * tiles_y)", B * V * TW * TH)
+    check_index_range("pixels (B * V * height * width)", B * V * height * width)
+    m2d, con, dep, rad = torch.ops.nano4d.splat_project(means, quats, scales, viewmats, Ks, width, height,
+                                                        float(near), float(far), float(eps2d))
+    ok = torch.isfinite(opacities) & torch.isfinite(colors).all(-1)      # bad opacity/colour -> culled
+    rad = torch.where(ok[:, None], rad, torch.zeros_like(rad))
+    opacities = torch.where(ok, opacities, torch.zeros_like(opacities))
+    colors = torch.where(ok[..., None], colors, torch.zeros_like(colors))
+    with torch.no_grad():
+        offsets, ids = _bin_gaussians(m2d.detach(), dep.detach(), rad, width, height)
+    out = torch.ops.nano4d.splat_rasterize(m2d, con, dep, opacities, colors, background, offsets, ids,
+                                           width, height)
+    return out[0], out[1], out[2]
 
 
 __all__ = ["project_gaussians", "rasterize_gaussians", "project_gaussians_ref", "rasterize_gaussians_ref"]
