@@ -56,6 +56,25 @@ def _rng(seed) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+class limit_threads:
+    """Context manager: run torch with ``n`` intra-op threads (None = unchanged), restoring the old count.
+    Rendering is many small ops; one thread is as fast on an idle machine and far faster on a busy one."""
+
+    def __init__(self, n: int | None = 1):
+        self.n, self.old = n, None
+
+    def __enter__(self):
+        if self.n is not None and torch.get_num_threads() != self.n:
+            self.old = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            torch.set_num_threads(self.old)
+        return False
+
+
 def split_seed(seed: int, split: str, index: int) -> int:
     """A 63-bit seed for item ``index`` of ``split``; different splits give disjoint random streams."""
     if split not in SPLITS:
@@ -510,13 +529,13 @@ class ProceduralObjects(Dataset):
     rest random on the sphere. ``background``: "white", "random" (one uniform colour per sample) or (r, g, b).
     ``cache_dir``: renders are stored there in the GObjaverse layout (``write_gobjaverse_object``, with
     occupancy and surface points) and read back on later calls; occupancy/surface are re-derived when the
-    requested resolution differs.
+    requested resolution differs. ``threads``: torch intra-op threads while rendering (``limit_threads``).
     """
 
     def __init__(self, num_objects: int = 1000, num_views: int = 8, res=64, seed: int = 0, split: str = "train",
                  occ_res: int = 32, num_surface_points: int = 2048, background="white", fov_deg: float = 40.0,
                  distance: float = 2.0, elevation_deg: float = 20.0, ring_views: int = 4, occ_mode: str = "solid",
-                 supersample: int = 1, cache_dir: str | None = None):
+                 supersample: int = 1, cache_dir: str | None = None, threads: int | None = 1):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
         if num_views < 1 or num_objects < 1:
@@ -527,7 +546,7 @@ class ProceduralObjects(Dataset):
         self.res = (res, res) if isinstance(res, int) else tuple(res)
         self.occ_res, self.num_surface_points, self.background = occ_res, num_surface_points, background
         self.fov_deg, self.distance, self.elevation_deg, self.ring_views = fov_deg, distance, elevation_deg, ring_views
-        self.occ_mode, self.supersample, self.cache_dir = occ_mode, supersample, cache_dir
+        self.occ_mode, self.supersample, self.cache_dir, self.threads = occ_mode, supersample, cache_dir, threads
 
     def __len__(self) -> int:
         return self.num_objects
@@ -552,10 +571,8 @@ class ProceduralObjects(Dataset):
         if not 0 <= i < self.num_objects:
             raise IndexError(f"index {i} out of range for {self.num_objects} objects")
         s = self.object_seed(i)
-        if self.cache_dir:
-            d = self._cached(i)
-        else:
-            d = self._render(i)
+        with limit_threads(self.threads):
+            d = self._cached(i) if self.cache_dir else self._render(i)
         if isinstance(self.background, str) and self.background == "random":
             bg = torch.tensor(_rng(s + 3).uniform(0, 1, 3), dtype=torch.float32)
         else:
@@ -828,6 +845,189 @@ def read_gobjaverse_object(obj_dir: str, views=None) -> dict:
             except Exception as e:
                 raise DataError(f"{p}: unreadable ({e})") from None
     return out
+
+
+def _resize_views(out: dict, res) -> dict:
+    """Resize the view tensors of a read object to res (H, W): colour/alpha by area (premultiplied), depth
+    and normals by alpha-weighted area, K scaled (pixel-edge coordinates scale exactly)."""
+    H0, W0 = out["images"].shape[-2:]
+    H, W = res
+    if (H, W) == (H0, W0):
+        return out
+    rs = lambda x: F.interpolate(x, size=(H, W), mode="area")  # noqa: E731
+    a = rs(out["alphas"])
+    safe = a.clamp_min(1e-6)
+    out["images"] = (rs(out["images"] * out["alphas"]) / safe).clamp(0, 1)
+    hard = (out["alphas"] > 0.5).float()
+    wsum = rs(hard).clamp_min(1e-6)
+    if out.get("depths") is not None:
+        out["depths"] = rs(out["depths"] * hard) / wsum * (rs(hard) > 0.5)
+    if out.get("normals") is not None:
+        out["normals"] = F.normalize(rs(out["normals"] * hard), dim=1) * (rs(hard) > 0.5)
+    out["alphas"] = a
+    K = out["K"].clone()
+    K[:, 0] *= W / W0
+    K[:, 1] *= H / H0
+    out["K"] = K
+    return out
+
+
+class GObjaverseDataset(Dataset):
+    """Objects stored in the GObjaverse layout (real GObjaverse, ``nano4d.meshes`` renders, or a
+    ``ProceduralObjects`` cache), returning the same keys as ``ProceduralObjects`` where available:
+    images (V, 3, H, W) composited on ``background``, alphas, c2w, K, background, view_ids (V,) int64, and
+    depths / normals / occupancy / surface_points when the files exist.
+
+    ``object_ids``: list of object folders relative to ``root`` (e.g. GObjaverse's "<shard>/<id>") or a JSON
+    file holding such a list; default: every non-hidden sub-folder of ``root`` (each must hold view folders).
+    View choice (``num_views`` V): objects with >= 24 views are read as a 24-view orbit (views 0..23, as in
+    GObjaverse and nano4d.meshes): 4 orbit views 90 deg apart from a random start, then random other views;
+    smaller objects: the first ``ring_views`` views (ProceduralObjects' ring), then random others.
+    ``random_views=False`` takes views 0..V-1. Randomness is deterministic in (seed, index, epoch);
+    call ``set_epoch`` to vary it. ``res``: resize to (H, W) (int = square) with K scaled."""
+
+    def __init__(self, root: str, num_views: int = 8, res=None, background="white", seed: int = 0,
+                 object_ids=None, ring_views: int = 4, random_views: bool = True):
+        if not os.path.isdir(root):
+            raise DataError(f"{root}: GObjaverse root folder not found")
+        self.root, self.num_views, self.seed, self.ring_views, self.random_views = root, num_views, seed, ring_views, random_views
+        self.res = None if res is None else ((res, res) if isinstance(res, int) else tuple(res))
+        self.background, self.epoch = background, 0
+        if not (isinstance(background, str) and background == "random"):
+            _background_rgb(background)
+        if isinstance(object_ids, str):
+            try:
+                with open(object_ids) as f:
+                    object_ids = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise DataError(f"{object_ids}: cannot read the object list ({e})") from None
+            if not isinstance(object_ids, list):
+                raise DataError("object list JSON must be a list of folder names")
+        if object_ids is None:
+            object_ids = sorted(n for n in os.listdir(root) if not n.startswith(".") and os.path.isdir(os.path.join(root, n)))
+            for n in object_ids:
+                if not any(v.isdigit() for v in os.listdir(os.path.join(root, n))):
+                    raise DataError(f"{os.path.join(root, n)}: not an object folder (no <view:05d>/ inside); "
+                                    "pass object_ids to choose the objects explicitly")
+        if not object_ids:
+            raise DataError(f"{root}: no objects found")
+        self.object_ids = [str(o) for o in object_ids]
+
+    def __len__(self) -> int:
+        return len(self.object_ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def choose_views(self, available: list[int], rng) -> list[int]:
+        V, n = self.num_views, len(available)
+        if V > n:
+            raise DataError(f"needs {V} views but only {n} exist")
+        if not self.random_views:
+            return available[:V]
+        if n >= 24 and all(v in available for v in range(24)):
+            r = int(rng.integers(24))
+            ring = [(r + 6 * j) % 24 for j in range(min(4, V))]
+        else:
+            ring = available[:min(self.ring_views, V)]
+        rest = [v for v in available if v not in ring]
+        return ring + [rest[j] for j in rng.permutation(len(rest))[:V - len(ring)]]
+
+    def __getitem__(self, i: int) -> dict:
+        obj_dir = os.path.join(self.root, self.object_ids[i])
+        s = split_seed(self.seed + 7919 * self.epoch, "train", i)
+        rng = _rng(s)
+        try:
+            views = self.choose_views(list_views(obj_dir), rng)
+        except DataError as e:
+            raise DataError(f"{obj_dir}: {e}") if not str(e).startswith(obj_dir) else e
+        r = read_gobjaverse_object(obj_dir, views)
+        if self.res is not None:
+            r = _resize_views(r, self.res)
+        bg = torch.tensor(rng.uniform(0, 1, 3), dtype=torch.float32) \
+            if isinstance(self.background, str) and self.background == "random" else _background_rgb(self.background)
+        item = dict(images=composite(r["images"], r["alphas"], bg), alphas=r["alphas"], c2w=r["c2w"], K=r["K"],
+                    background=bg, view_ids=torch.tensor(views))
+        for k in ("depths", "normals", "occupancy", "surface_points"):
+            if r.get(k) is not None:
+                item[k] = r[k]
+        return item
+
+
+# ============================================================================ image-sequence folders
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+
+
+def _load_rgb(path: str, res) -> torch.Tensor:
+    """Image file -> (3, H, W) float in [0, 1], resized so it covers res (H, W) and centre-cropped."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if res is not None:
+                H, W = res
+                s = max(H / im.height, W / im.width)
+                w, h = max(W, round(im.width * s)), max(H, round(im.height * s))
+                im = im.resize((w, h), Image.BICUBIC)
+                left, top = (w - W) // 2, (h - H) // 2
+                im = im.crop((left, top, left + W, top + H))
+            a = np.asarray(im, dtype=np.uint8)
+    except Exception as e:
+        raise DataError(f"{path}: unreadable image ({e})") from None
+    return torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 255
+
+
+class ImageSequenceFolder(Dataset):
+    """Unposed multi-view data for MuM: ``<root>/<sequence>/*.{png,jpg,jpeg}`` (video frames or photos of
+    one scene; sorted by file name). Item i: dict(images (V, 3, H, W) in [0, 1], sequence (str)), V drawn
+    uniformly in ``views`` = (min, max) (capped by the sequence length), frames drawn without replacement
+    and returned in file order. Index with ``(i, V)`` to force V (e.g. one V per batch, as MuM's dynamic
+    batches do). Images are resized to cover ``res`` (int = square, None = keep; then all images of a
+    sequence must share one size) and centre-cropped. Deterministic in (seed, index, epoch); ``set_epoch``
+    varies it. Every sequence must hold >= views[0] images; anything unreadable raises DataError."""
+
+    def __init__(self, root: str, views=(2, 12), res=224, seed: int = 0, exts=IMAGE_EXTS):
+        if not os.path.isdir(root):
+            raise DataError(f"{root}: image-sequence root folder not found")
+        lo, hi = views
+        if not 1 <= lo <= hi:
+            raise ValueError(f"views must be (min, max) with 1 <= min <= max, got {views}")
+        self.root, self.views, self.seed, self.epoch = root, (int(lo), int(hi)), seed, 0
+        self.res = None if res is None else ((res, res) if isinstance(res, int) else tuple(res))
+        self.sequences, self.frames = [], []
+        for name in sorted(os.listdir(root)):
+            d = os.path.join(root, name)
+            if name.startswith(".") or not os.path.isdir(d):
+                continue
+            files = sorted(f for f in os.listdir(d) if f.lower().endswith(tuple(exts)))
+            if len(files) < lo:
+                raise DataError(f"{d}: {len(files)} images, fewer than the minimum of {lo} views per sequence")
+            self.sequences.append(name)
+            self.frames.append([os.path.join(d, f) for f in files])
+        if not self.sequences:
+            raise DataError(f"{root}: no sequence folders with images ({', '.join(exts)})")
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __getitem__(self, index) -> dict:
+        i, V = index if isinstance(index, tuple) else (index, None)
+        files = self.frames[i]
+        rng = _rng(split_seed(self.seed + 7919 * self.epoch, "train", i))
+        if V is None:
+            V = int(rng.integers(self.views[0], self.views[1] + 1))
+        V = min(V, len(files))
+        pick = sorted(rng.choice(len(files), size=V, replace=False).tolist())
+        imgs = [_load_rgb(files[j], self.res) for j in pick]
+        for j, im in zip(pick, imgs):
+            if im.shape != imgs[0].shape:
+                raise DataError(f"{files[j]}: size {im.shape[2]}x{im.shape[1]} differs from {files[pick[0]]} "
+                                f"({imgs[0].shape[2]}x{imgs[0].shape[1]}); pass res= to resize")
+        return dict(images=torch.stack(imgs), sequence=self.sequences[i])
 
 
 # ============================================================================ preview
