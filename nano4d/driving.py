@@ -561,16 +561,18 @@ class ProceduralDriving(Dataset):
       K (6, 3, 3) pixels; cam2ego (6, 4, 4) OpenCV camera -> ego; ego2world (T, 4, 4);
       lidar (T, P, 3) ego-frame points with lidar_mask (T, P) bool (P = 32 * lidar_azimuths, padded with 0);
       bev (T, Hb, Wb) int64 labels (0 other, 1 road, 2 car, 3 building) on the ego-centred grid described in
-      the module docstring; timestamps (T,) scene time in seconds (frame k at t0 + k * frame_dt); cam_names (list of 6 str);
+      the module docstring; timestamps (T,) seconds since the first frame (k * frame_dt); cam_names (list of 6 str);
       seed () int64 (``random_street(seed)`` rebuilds the world).
     Cars in other lanes move at their own lane speeds (the opposite direction moves towards -x), so frames
     differ by more than ego motion. The first frame is at a random time in ``start_time`` seconds.
-    ``threads``: torch intra-op threads while rendering (``nano4d.data.limit_threads``)."""
+    ``threads``: torch intra-op threads while rendering (``nano4d.data.limit_threads``). ``cache_dir``: scenes
+    are written there as rig JSON (+ PNG / .npy) on first use and read back later (images quantized to 8 bit;
+    LiDAR points compacted to the front of the padded array)."""
 
     def __init__(self, num_scenes: int = 1000, num_frames: int = 3, res=(96, 176), seed: int = 0, split: str = "train",
                  frame_dt: float = 0.5, lidar_azimuths: int = 256, lidar_range: float = 70.0, bev_range: float = 51.2,
                  bev_res=128, far: float = 150.0, shadows: bool = True, start_time: tuple = (0.0, 4.0),
-                 threads: int | None = 1):
+                 threads: int | None = 1, cache_dir: str | None = None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
         if num_frames < 1 or num_scenes < 1:
@@ -579,7 +581,7 @@ class ProceduralDriving(Dataset):
         self.res = (res, res) if isinstance(res, int) else tuple(res)
         self.frame_dt, self.lidar_azimuths, self.lidar_range = frame_dt, lidar_azimuths, lidar_range
         self.bev_range, self.bev_res, self.far, self.shadows, self.start_time = bev_range, bev_res, far, shadows, start_time
-        self.threads = threads
+        self.threads, self.cache_dir = threads, cache_dir
 
     def __len__(self) -> int:
         return self.num_scenes
@@ -591,7 +593,20 @@ class ProceduralDriving(Dataset):
         if not 0 <= i < self.num_scenes:
             raise IndexError(f"index {i} out of range for {self.num_scenes} scenes")
         with limit_threads(self.threads):
-            return self._make(i)
+            if not self.cache_dir:
+                return self._make(i)
+            H, W = self.res
+            tag = (f"{self.split}-s{self.seed}-T{self.num_frames}-{H}x{W}-dt{self.frame_dt:g}-az{self.lidar_azimuths}"
+                   f"-lr{self.lidar_range:g}-bev{self.bev_range:g}x{self.bev_res}-far{self.far:g}-sh{int(self.shadows)}"
+                   f"-st{self.start_time[0]:g},{self.start_time[1]:g}")
+            path = os.path.join(self.cache_dir, tag, f"{i:07d}", "rig.json")
+            if not os.path.isfile(path):
+                s = self._make(i)
+                write_rig(os.path.dirname(path), s)     # the JSON is written last (atomically): complete or absent
+                return s
+            s = load_rig_frames(read_rig(path), list(range(self.num_frames)), max_points=32 * self.lidar_azimuths)
+            s["seed"] = torch.tensor(self.scene_seed(i))
+            return s
 
     def _make(self, i: int) -> dict:
         s = self.scene_seed(i)
@@ -613,7 +628,7 @@ class ProceduralDriving(Dataset):
             bevs.append(bev_labels(world, t, e2w, self.bev_range, self.bev_res))
         return dict(images=torch.stack(imgs), depths=torch.stack(deps), K=K, cam2ego=cam2ego,
                     ego2world=torch.stack(poses), lidar=torch.stack(pts), lidar_mask=torch.stack(masks),
-                    bev=torch.stack(bevs), timestamps=torch.tensor([t0 + k * self.frame_dt for k in range(T)]),
+                    bev=torch.stack(bevs), timestamps=torch.tensor([k * self.frame_dt for k in range(T)]),
                     cam_names=list(CAM_NAMES), seed=torch.tensor(s))
 
 
@@ -624,7 +639,8 @@ class ProceduralDriving(Dataset):
 #  "lidar": {"sensor2ego_rotation", "sensor2ego_translation"}                       (optional)
 #  "frames": [{"timestamp": microseconds (int), "ego2global_rotation", "ego2global_translation",
 #              "cams": {name: {"data_path": image, "depth_path": float32 .npy z-depth (optional)}},
-#              "lidar_path": float32 .npy (N, >=3) points in the LiDAR frame (optional)}, ...]}
+#              "lidar_path": float32 .npy (N, >=3) points in the LiDAR frame (optional),
+#              "bev_path": uint8 .npy (Hb, Wb) BEV labels (nano4d extra, optional)}, ...]}
 # Paths are relative to the JSON's folder. Field names follow nuScenes / mmdet3d info files; camera axes
 # are OpenCV (as nuScenes' sensor frames); rotations are (w, x, y, z) quaternions.
 
@@ -682,6 +698,10 @@ def write_rig(root: str, sample: dict, name: str = "rig.json", lidar2ego=None) -
             lrel = f"{fd}/lidar.npy"
             np.save(os.path.join(root, lrel), pts.float().numpy())
             fr["lidar_path"] = lrel
+        if sample.get("bev") is not None:
+            brel = f"{fd}/bev.npy"
+            np.save(os.path.join(root, brel), sample["bev"][k].to(torch.uint8).numpy())
+            fr["bev_path"] = brel
         rig["frames"].append(fr)
     path = os.path.join(root, name)
     tmp = path + ".tmp"
@@ -742,7 +762,7 @@ def read_rig(path: str) -> dict:
     if not isinstance(frames, list) or not frames:
         raise DataError(f"{path}: 'frames' must be a non-empty list")
     lidar2ego = _pose(rig["lidar"], "sensor2ego", f"{path}: lidar") if "lidar" in rig else None
-    e2w, ts, img_p, dep_p, lid_p = [], [], [], [], []
+    e2w, ts, img_p, dep_p, lid_p, bev_p = [], [], [], [], [], []
 
     def fpath(rel, where):
         p = os.path.join(base, str(rel))
@@ -762,6 +782,7 @@ def read_rig(path: str) -> dict:
         img_p.append(row)
         dep_p.append(drow)
         lid_p.append(fpath(fr["lidar_path"], where) if "lidar_path" in fr else None)
+        bev_p.append(fpath(fr["bev_path"], where) if "bev_path" in fr else None)
         if k and ts[-1] <= ts[-2]:
             raise DataError(f"{where}: timestamps must increase")
     has_d = [d is not None for row in dep_p for d in row]
@@ -775,12 +796,13 @@ def read_rig(path: str) -> dict:
     return dict(cam_names=names, height=H, width=W, K=torch.stack(Ks), cam2ego=torch.stack(c2e),
                 ego2world=torch.stack(e2w), timestamps=torch.tensor(ts, dtype=torch.float64),
                 image_paths=img_p, depth_paths=dep_p if all(has_d) else None,
-                lidar_paths=lid_p if lid_p[0] is not None else None, lidar2ego=lidar2ego)
+                lidar_paths=lid_p if lid_p[0] is not None else None, lidar2ego=lidar2ego,
+                bev_paths=bev_p if all(b is not None for b in bev_p) else None)
 
 
 def load_rig_frames(rig: dict, frame_ids, res=None, max_points: int | None = None, seed: int = 0) -> dict:
     """Load frames of a parsed rig -> the ``ProceduralDriving`` keys (images, K, cam2ego, ego2world,
-    timestamps relative to the first loaded frame, cam_names; depths if present; lidar (T, P, 3) ego-frame
+    timestamps relative to the first loaded frame, cam_names; depths and bev if present; lidar (T, P, 3) ego-frame
     points + lidar_mask if present, padded to the largest scan or to ``max_points`` (longer scans are
     subsampled, deterministically in ``seed``)). ``res`` (H, W) resizes images (area), depths (nearest), K."""
     from PIL import Image
@@ -821,11 +843,21 @@ def load_rig_frames(rig: dict, frame_ids, res=None, max_points: int | None = Non
             p = torch.from_numpy(np.asarray(pts[:, :3], dtype=np.float32))
             L = rig["lidar2ego"]
             scans.append(p @ L[:3, :3].T + L[:3, 3])
+    if rig.get("bev_paths") is not None:
+        bevs = []
+        for k in frame_ids:
+            bp = rig["bev_paths"][k]
+            try:
+                bevs.append(torch.from_numpy(np.load(bp).astype(np.int64)))
+            except Exception as e:
+                raise DataError(f"{bp}: unreadable BEV labels ({e})") from None
     out = dict(images=torch.stack(imgs), K=rig["K"].clone(), cam2ego=rig["cam2ego"], cam_names=list(rig["cam_names"]),
                ego2world=rig["ego2world"][list(frame_ids)],
                timestamps=(rig["timestamps"][list(frame_ids)] - rig["timestamps"][frame_ids[0]]).float())
     if deps:
         out["depths"] = torch.stack(deps)
+    if rig.get("bev_paths") is not None:
+        out["bev"] = torch.stack(bevs)
     if (Ho, Wo) != (H, W):
         T, C = out["images"].shape[:2]
         out["images"] = F.interpolate(out["images"].flatten(0, 1), size=(Ho, Wo), mode="area").view(T, C, 3, Ho, Wo)
@@ -848,7 +880,7 @@ def load_rig_frames(rig: dict, frame_ids, res=None, max_points: int | None = Non
 class RigDataset(Dataset):
     """Windows of ``num_frames`` consecutive frames (step ``stride`` between windows) from one or more rig
     JSON files (a path, a list of paths, or a folder searched recursively for ``*.json`` rig files).
-    Items carry the ``ProceduralDriving`` keys that the files provide (no ``bev``)."""
+    Items carry the ``ProceduralDriving`` keys that the files provide (``bev`` only for nano4d-written rigs)."""
 
     def __init__(self, paths, num_frames: int = 3, stride: int = 1, res=None, max_points: int | None = None):
         if isinstance(paths, str) and os.path.isdir(paths):

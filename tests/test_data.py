@@ -447,6 +447,21 @@ def test_rig_json_roundtrip(tmp_path, drive_sample):
     assert torch.allclose(small["K"][:, :2], s["K"][:, :2] / 2)
 
 
+def test_driving_cache(tmp_path, drive_sample):
+    _, s = drive_sample
+    kw = dict(num_frames=3, res=(32, 56), lidar_azimuths=96, bev_res=64, frame_dt=1.0, cache_dir=str(tmp_path))
+    first = R.ProceduralDriving(3, **kw)[1]
+    cached = R.ProceduralDriving(3, **kw)[1]                 # read back from the rig files
+    assert len(list(tmp_path.rglob("rig.json"))) == 1
+    for k in ("depths", "K", "bev", "timestamps", "seed", "lidar_mask"):
+        assert torch.equal(first[k], s[k]) and torch.equal(cached[k].sum(-1) if k == "lidar_mask" else cached[k],
+                                                          s[k].sum(-1) if k == "lidar_mask" else s[k]), k
+    assert (cached["images"] - s["images"]).abs().max() <= 0.5 / 255 + 1e-6
+    assert torch.allclose(cached["ego2world"], s["ego2world"], atol=1e-5)
+    for k in range(3):
+        assert torch.allclose(cached["lidar"][k][cached["lidar_mask"][k]], s["lidar"][k][s["lidar_mask"][k]], atol=1e-5)
+
+
 def test_rig_malformed(tmp_path, drive_sample):
     _, s = drive_sample
     sub = {k: (v[:1] if k in ("images", "depths", "ego2world", "lidar", "lidar_mask", "timestamps") else v) for k, v in s.items()}
