@@ -457,7 +457,7 @@ class ProgressLogger:
         if is_main():
             terms = " ".join(f"{k} {v / self.n:.4f}" for k, v in self.sums.items())
             print(f"step {step + 1:6d}/{self.total} | {terms} | lr {lr:.2e} | gnorm {float(grad_norm):.3f} | "
-                  f"{dt * 1000:.0f} ms/step | {rec[f'{self.unit}_per_s']:.1f} {self.unit}/s | "
+                  f"{dt * 1000:.0f} ms/step | {rec[f'{self.unit}_per_s']:.3g} {self.unit}/s | "
                   f"eta {_fmt_time(rec['eta_s'])}", flush=True)
             self.write(rec)
         self.t_last, self.step_last, self.items, self.sums, self.n = now, step, 0, {}, 0
