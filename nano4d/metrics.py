@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "psnr", "ssim", "lpips", "LPIPS", "load_lpips", "fetch_lpips", "convert_lpips_ckpt", "lpips_weights_path",
+    "psnr", "ssim", "lpips", "LPIPS", "load_lpips", "get_lpips", "fetch_lpips", "convert_lpips_ckpt", "lpips_weights_path",
     "LPIPSWeightsNotFound", "default_cache_dir", "image_metrics",
     "nearest_neighbors", "chamfer_distance", "fscore", "point_cloud_metrics",
 ]
@@ -290,8 +290,10 @@ class LPIPS(nn.Module):
         n = x.shape[0]
         if n == 0:
             return x.new_zeros(0)
-        w = self.convs[0].weight
-        xy = torch.cat([x, y]).to(w.dtype)
+        with torch.autocast(x.device.type, enabled=False):                   # fp32 even inside bf16 autocast
+            return self._distance(torch.cat([x, y]).to(self.convs[0].weight.dtype), n, normalize)
+
+    def _distance(self, xy: torch.Tensor, n: int, normalize: bool) -> torch.Tensor:
         if normalize:
             xy = xy * 2 - 1
         xy = (xy - self.shift.to(xy.dtype)) / self.scale.to(xy.dtype)
@@ -312,12 +314,17 @@ def load_lpips(net: str = "vgg", cache_dir=None, device=None) -> LPIPS:
 _LPIPS_CACHE: dict = {}
 
 
-def lpips(a: torch.Tensor, b: torch.Tensor, net: str = "vgg", cache_dir=None) -> torch.Tensor:
-    """LPIPS (N,) of images (N, 3, H, W) in [0, 1]; the module is built once per (net, device, cache)."""
-    key = (_canon_net(net), str(a.device), str(cache_dir))
+def get_lpips(net: str = "vgg", device="cpu", cache_dir=None) -> LPIPS:
+    """Like :func:`load_lpips`, but built once per (net, device, cache dir) and shared (do not modify it)."""
+    key = (_canon_net(net), str(torch.device(device)), str(cache_dir))
     if key not in _LPIPS_CACHE:
-        _LPIPS_CACHE[key] = load_lpips(net, cache_dir, device=a.device)
-    return _LPIPS_CACHE[key](a, b)
+        _LPIPS_CACHE[key] = load_lpips(net, cache_dir, device=device)
+    return _LPIPS_CACHE[key]
+
+
+def lpips(a: torch.Tensor, b: torch.Tensor, net: str = "vgg", cache_dir=None) -> torch.Tensor:
+    """LPIPS (N,) of images (N, 3, H, W) in [0, 1] with the shared module of :func:`get_lpips`."""
+    return get_lpips(net, a.device, cache_dir)(a, b)
 
 
 def image_metrics(pred: torch.Tensor, gt: torch.Tensor, lpips_net: str | None = "vgg", cache_dir=None) -> dict:

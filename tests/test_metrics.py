@@ -48,33 +48,29 @@ def _blur(x, times=2):
 @pytest.mark.parametrize("net", [pytest.param("vgg", marks=NEEDS_WEIGHTS["vgg"]),
                                  pytest.param("alex", marks=NEEDS_WEIGHTS["alex"])])
 def test_lpips_real_weights_ordering(net):
-    m = M.load_lpips(net)
+    m = M.get_lpips(net)
     photos = _photos()
     a = photos[:1]
     g = torch.Generator().manual_seed(0)
     noisy = (a + 0.05 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    x = torch.cat([a, a, a, a, photos[1:2]])
+    y = torch.cat([a, noisy, _blur(a), photos[1:2], photos[2:3]])
     with torch.no_grad():
-        same = m(a, a).item()
-        d_noise = m(a, noisy).item()
-        d_blur = m(a, _blur(a)).item()
-        d_unrel = m(a, photos[1:2]).item()
-    assert same == 0.0
+        d = m(x, y)                                                            # batched
+        d_sym = m(y, x)
+        single = torch.cat([m(x[i:i + 1], y[i:i + 1]) for i in (1, 4)])
+    same, d_noise, d_blur, d_unrel, d_unrel2 = d.tolist()
+    assert d.shape == (5,) and same == 0.0
     assert 0.0 < d_noise < d_blur < d_unrel, (d_noise, d_blur, d_unrel)
-    assert 0.3 < d_unrel < 1.0  # unrelated photos: the usual LPIPS range
-    # symmetric and batched: a batch gives the per-pair values
-    x, y = photos, torch.cat([noisy, photos[2:], photos[:1]])
-    with torch.no_grad():
-        dxy, dyx = m(x, y), m(y, x)
-        single = torch.stack([m(x[i:i + 1], y[i:i + 1])[0] for i in range(3)])
-    assert dxy.shape == (3,)
-    torch.testing.assert_close(dxy, dyx, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(dxy, single, rtol=1e-4, atol=1e-6)
+    assert 0.3 < d_unrel < 1.0 and 0.3 < d_unrel2 < 1.0                       # unrelated photos: usual range
+    torch.testing.assert_close(d, d_sym, rtol=1e-5, atol=1e-6)               # symmetric
+    torch.testing.assert_close(d[[1, 4]], single, rtol=1e-4, atol=1e-6)     # batch = per pair
 
 
 @NEEDS_WEIGHTS["vgg"]
 def test_lpips_vgg_small_images_and_gradients():
     """GeoLRM training calls it on 64x64 renders and backpropagates into the image."""
-    m = M.load_lpips("vgg")
+    m = M.get_lpips("vgg")
     photos = _photos(64)
     assert not any(p.requires_grad for p in m.parameters())
     x = photos[:2].clone().requires_grad_(True)
@@ -83,10 +79,10 @@ def test_lpips_vgg_small_images_and_gradients():
     d.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     assert all(p.grad is None for p in m.parameters())
-    # the functional form and image_metrics share the same convention and values
-    torch.testing.assert_close(M.lpips(photos[:2], photos[1:3]), d.detach())
+    # image_metrics: one convention for PSNR, SSIM and LPIPS, values equal to the module's
     res = M.image_metrics(photos[:2], photos[1:3])
     assert set(res) == {"psnr", "ssim", "lpips"} and all(v.shape == (2,) for v in res.values())
+    torch.testing.assert_close(res["lpips"], d.detach())
 
 
 # ---------------------------------------------------------------------------- LPIPS without weights
@@ -115,7 +111,7 @@ def _fake_jax_ckpt(net, seed=0):
     return d
 
 
-@pytest.mark.parametrize("net", ["alex", "vgg"])
+@pytest.mark.parametrize("net", ["alex"])   # the VGG path is the same code (and is exercised with real weights)
 def test_lpips_conversion_layout(tmp_path, net):
     """HWIO -> OIHW conversion: the module's first conv equals a direct conv with the HWIO kernel."""
     d = _fake_jax_ckpt(net)
@@ -251,13 +247,13 @@ def test_fscore_precision_recall():
 
 def test_chamfer_batched_and_gradients():
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 20, 3, generator=g, dtype=torch.float64)
-    y = torch.randn(3, 17, 3, generator=g, dtype=torch.float64)
-    cd = M.chamfer_distance(x, y, max_elems=50)
+    x = torch.randn(3, 7, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(3, 5, 3, generator=g, dtype=torch.float64)
+    cd = M.chamfer_distance(x, y, max_elems=20)
     assert cd.shape == (3,)
     torch.testing.assert_close(cd, torch.stack([M.chamfer_distance(x[b], y[b]) for b in range(3)]))
     xs, ys = x[0].clone().requires_grad_(True), y[0].clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, b: M.chamfer_distance(a, b, max_elems=64), (xs, ys))
+    assert torch.autograd.gradcheck(lambda a, b: M.chamfer_distance(a, b, max_elems=8), (xs, ys))
     with pytest.raises(ValueError, match="must match"):
         M.chamfer_distance(x, y[0])
     with pytest.raises(ValueError, match="empty"):
