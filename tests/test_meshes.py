@@ -197,7 +197,7 @@ def test_render_box_matches_projected_geometry(tmp_path, renderer):
     assert low[2] > 0.5 and low[2] > 4 * low[0], low
 
 
-def test_render_supersampling(tmp_path, renderer):
+def test_render_supersampling(tmp_path, renderer, monkeypatch):
     renderer.load(Me.load_obj(_box_obj(tmp_path, textured=False)))
     c2w, K = Me.gobjaverse_cameras(1, res=32, seed=0)
     rgba1, d1 = renderer.render(c2w[0], K[0], 32, 32, ssaa=1)
@@ -219,6 +219,13 @@ def test_render_supersampling(tmp_path, renderer):
     rgba_vn, d_vn = renderer.render(c2w[0], K[0], 32, 32, ssaa=3)
     np.testing.assert_allclose(rgba_vn, rgba3, atol=1.5 / 255)
     np.testing.assert_allclose(d_vn, d3, atol=1e-6)
+    # split into several pybullet shapes (large meshes): same image
+    monkeypatch.setattr(Me.PyBulletRenderer, "MAX_FACES_PER_SHAPE", 5)
+    renderer.load(Me.load_obj(_box_obj(tmp_path / "vn", textured=False, vn=True)))
+    assert len(renderer.bodies) == 3                                           # 12 triangles in chunks of 5
+    rgba_c, d_c = renderer.render(c2w[0], K[0], 32, 32, ssaa=3)
+    np.testing.assert_allclose(rgba_c, rgba3, atol=1.5 / 255)
+    np.testing.assert_allclose(d_c, d3, atol=1e-6)
 
 
 def test_missing_render_extra_message(monkeypatch):
