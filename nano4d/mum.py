@@ -321,6 +321,7 @@ class MuM(nn.Module):
 
     def forward(self, images: torch.Tensor, mask_ratio: float | None = None):
         """images (B, V, 3, H, W) in [0, 1] -> loss, pred (B*V, L, p*p*3), mask (B*V, L)."""
+        self._check(images)
         B, V, _, H, W = images.shape
         p = self.cfg.patch_size
         latent, mask, ids_restore = self.forward_encoder(images, self.cfg.mask_ratio if mask_ratio is None

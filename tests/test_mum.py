@@ -1,0 +1,317 @@
+"""MuM model, training script and matching eval (nano4d/mum.py, train_mum.py, nano4d/mum_eval.py).
+
+Most tests run the model through the pure-torch attention path (NANO4D_FORCE_TRITON=0) because the
+kernel itself is tested in tests/test_patch_attn.py; `test_triton_path_matches_reference` and
+`test_frame_blocks_do_not_see_other_views` run the model through the Triton interpreter.
+"""
+import ast
+import builtins
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nano4d.mum import PRESETS, MuM, MuMConfig, apply_rope, configure_optimizer, patch_coords, rope_sincos, with_prefix
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MICRO = MuMConfig(embed_dim=32, depth=1, num_heads=2, decoder_dim=16, decoder_depth=2, decoder_heads=2)
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    monkeypatch.setenv("NANO4D_FORCE_TRITON", "0")
+
+
+def _model(cfg=MICRO, seed=0, **kw):
+    torch.manual_seed(seed)
+    return MuM(MuMConfig(**{**cfg.__dict__, **kw})).eval()
+
+
+# ------------------------------------------------------------------------------------------ model file
+
+def test_model_file_imports_only_torch_kernels_stdlib():
+    src = open(os.path.join(ROOT, "nano4d", "mum.py")).read()
+    tops = set()
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.Import):
+            tops |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            tops.add(node.module.split(".")[0])
+    bad = {t for t in tops if t not in ("torch", "kernels") and t not in sys.stdlib_module_names}
+    assert not bad, f"nano4d/mum.py imports {bad}"
+    # executing the file records every import it really makes (including indirect ones at import time)
+    seen = []
+    real_import = builtins.__import__
+
+    def spy(name, *a, **kw):
+        seen.append(name)
+        return real_import(name, *a, **kw)
+
+    builtins.__import__ = spy
+    try:
+        exec(compile(src, "mum_standalone", "exec"), {"__name__": "mum_standalone"})
+    finally:
+        builtins.__import__ = real_import
+    assert seen and not [n for n in seen if n.split(".")[0] == "nano4d"], seen
+
+
+# ------------------------------------------------------------------------------------------ masking
+
+@settings(max_examples=10)
+@given(M=st.integers(1, 5), L=st.integers(1, 40), ratio=st.floats(0.0, 0.95), seed=st.integers(0, 2**31 - 1))
+def test_masking_keeps_round_count_and_restore_inverts(M, L, ratio, seed):
+    keep = int(round(L * (1 - ratio)))
+    if keep < 1:
+        return
+    model = _model()
+    torch.manual_seed(seed)
+    x = torch.randn(M, L, 3)
+    xk, mask, ids_restore, ids_keep = model.random_masking(x, ratio)
+    assert xk.shape == (M, keep, 3) and ids_keep.shape == (M, keep)
+    assert (mask.sum(1) == L - keep).all()                                  # same count in every view
+    assert torch.equal(xk, torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, 3)))
+    assert (torch.gather(mask, 1, ids_keep) == 0).all()                     # kept = unmasked
+    # ids_restore is the inverse of the shuffle: restoring [kept, fillers] puts kept tokens back in place
+    assert torch.equal(ids_restore.sort(1).values, torch.arange(L).expand(M, L))
+    assert torch.equal(torch.gather(ids_restore, 1, ids_keep), torch.arange(keep).expand(M, keep))
+    full = torch.cat([xk, torch.zeros(M, L - keep, 3)], 1)
+    restored = torch.gather(full, 1, ids_restore[..., None].expand(-1, -1, 3))
+    assert torch.equal(restored, x * (1 - mask[..., None]))
+
+
+def test_masking_differs_between_views_and_rejects_empty():
+    model = _model()
+    _, mask, _, _ = model.random_masking(torch.randn(8, 64, 4), 0.75)
+    assert len({tuple(m.tolist()) for m in mask}) > 1                      # independent per view
+    with pytest.raises(ValueError, match="mask_ratio"):
+        model.random_masking(torch.randn(2, 3, 4), 0.9)
+
+
+# ------------------------------------------------------------------------------------------ RoPE
+
+@settings(max_examples=10)
+@given(D=st.sampled_from([4, 8, 16, 48]), seed=st.integers(0, 2**31 - 1))
+def test_rope_relative_position_property(D, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(D, generator=g, dtype=torch.float64), torch.randn(D, generator=g, dtype=torch.float64)
+    p, p2, t = (torch.rand(2, generator=g, dtype=torch.float64) * 4 - 2 for _ in range(3))
+
+    def dot(a, b):
+        sa, ca = rope_sincos(a[None], D)
+        sb, cb = rope_sincos(b[None], D)
+        ra = apply_rope(q.view(1, 1, 1, D), sa[None].double(), ca[None].double())
+        rb = apply_rope(k.view(1, 1, 1, D), sb[None].double(), cb[None].double())
+        return float((ra * rb).sum())
+
+    assert dot(p, p2) == pytest.approx(dot(p + t, p2 + t), abs=1e-4)       # only p - p' matters
+    assert dot(p, p2) != pytest.approx(dot(p, p2 + 0.7), abs=1e-4)          # ... and it does matter
+    assert dot(p, p) == pytest.approx(float(q @ k), abs=1e-4)                # same position: plain dot
+
+
+def test_rope_axial_layout_and_cls_identity():
+    D = 16
+    s1, c1 = rope_sincos(torch.tensor([[0.3, -0.2]]), D)
+    s2, c2 = rope_sincos(torch.tensor([[0.3, 0.9]]), D)                     # same y, different x
+    y_dims = list(range(0, D // 4)) + list(range(D // 2, 3 * D // 4))
+    x_dims = list(range(D // 4, D // 2)) + list(range(3 * D // 4, D))
+    assert torch.allclose(s1[:, y_dims], s2[:, y_dims]) and not torch.allclose(s1[:, x_dims], s2[:, x_dims])
+    # highest frequency: period 1 -> angle = 2*pi*coord
+    assert torch.allclose(s1[0, 0], torch.sin(torch.tensor(2 * torch.pi * 0.3)), atol=1e-6)
+    # patch centres normalised per axis to [-1, 1]
+    c = patch_coords(2, 4)
+    assert torch.allclose(c[:, 0].unique(), torch.tensor([-0.5, 0.5]))
+    assert torch.allclose(c[:, 1].unique(), torch.tensor([-0.75, -0.25, 0.25, 0.75]))
+    # CLS row: identity (default) or zero (official global-block quirk)
+    s, c = with_prefix(s1[None], c1[None])
+    x = torch.randn(1, 1, 2, D)
+    assert torch.equal(apply_rope(x, s, c)[:, :, 0], x[:, :, 0])
+    s, c = with_prefix(s1[None], c1[None], zero=True)
+    assert (apply_rope(x, s, c)[:, :, 0] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------ decoder
+
+def test_frame_blocks_do_not_see_other_views():
+    """Through the Triton interpreter: perturbing view 2 leaves view 1's output of a frame-wise-only decoder
+    unchanged; with a global block after it, view 1 changes."""
+    B, V, h, w = 1, 3, 2, 2
+    for depth, same in ((1, True), (2, False)):
+        model = _model(decoder_depth=depth)
+        latent = torch.randn(B * V, 1 + 2, MICRO.embed_dim)
+        ids_restore = torch.stack([torch.randperm(h * w) for _ in range(B * V)])
+        out = model.forward_decoder(latent, ids_restore, B, V, h, w)
+        latent2 = latent.clone()
+        latent2[2] += torch.randn_like(latent2[2])                            # view 2 (third view)
+        out2 = model.forward_decoder(latent2, ids_restore, B, V, h, w)
+        assert not torch.allclose(out[2], out2[2])
+        assert torch.allclose(out[0], out2[0], atol=1e-6) == same
+        assert torch.allclose(out[1], out2[1], atol=1e-6) == same
+
+
+def test_official_cls_flag_only_changes_global_blocks(torch_path):
+    x = torch.rand(2, 2, 3, 32, 48)
+    outs = {}
+    for depth in (1, 2):
+        for flag in (False, True):
+            torch.manual_seed(5)
+            outs[depth, flag] = _model(decoder_depth=depth, official_global_cls=flag)(x)[0]
+    assert torch.equal(outs[1, False], outs[1, True])                       # frame-wise block only: no effect
+    assert not torch.allclose(outs[2, False], outs[2, True])                # global block: CLS q/k zeroed
+
+
+def test_triton_path_matches_reference(monkeypatch):
+    x = torch.rand(1, 2, 3, 32, 32)
+    grads = {}
+    for force in ("1", "0"):
+        monkeypatch.setenv("NANO4D_FORCE_TRITON", force)
+        model = _model(seed=3)
+        torch.manual_seed(7)
+        loss, pred, mask = model(x)
+        loss.backward()
+        grads[force] = (loss.detach(), pred.detach(), model.blocks[0].attn.qkv.weight.grad.clone())
+    for a, b in zip(grads["1"], grads["0"]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (a - b).abs().max()
+
+
+# ------------------------------------------------------------------------------------------ loss
+
+def _patches_by_hand(img, p):
+    """img (3, H, W) numpy -> list of patches, row-major, values ordered (py, px, c)."""
+    C, H, W = img.shape
+    out = []
+    for i in range(H // p):
+        for j in range(W // p):
+            out.append([img[c, i * p + y, j * p + x] for y in range(p) for x in range(p) for c in range(C)])
+    return np.array(out, dtype=np.float64)
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_loss_matches_hand_computation(norm_pix):
+    model = _model(patch_size=2, norm_pix_loss=norm_pix)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(1, 2, 3, 2, 4, generator=g)                         # 2 views x 2 patches of 2x2
+    pred = torch.randn(2, 2, 12, generator=g)
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    total, count = 0.0, 0
+    for v in range(2):
+        tgt = _patches_by_hand(images[0, v].numpy().astype(np.float64), 2)
+        for i in range(2):
+            t = tgt[i]
+            if norm_pix:
+                t = (t - t.mean()) / np.sqrt(t.var(ddof=1) + 1e-6)
+            if mask[v, i]:
+                total += np.mean((pred[v, i].numpy() - t) ** 2)
+                count += 1
+    assert float(model.forward_loss(images, pred, mask)) == pytest.approx(total / count, rel=1e-5)
+    assert torch.equal(model.unpatchify(model.patchify(images[0]), 1, 2), images[0])
+
+
+# ------------------------------------------------------------------------------------------ shapes, presets
+
+def test_any_views_any_size_and_encode(torch_path):
+    model = _model()
+    for V, H, W in ((1, 32, 32), (3, 48, 32)):
+        x = torch.rand(2, V, 3, H, W)
+        loss, pred, mask = model(x)
+        L = H * W // 256
+        assert torch.isfinite(loss) and pred.shape == (2 * V, L, 768) and mask.shape == (2 * V, L)
+        feats = model.encode(x)
+        assert feats.shape == (2, V, H // 16, W // 16, MICRO.embed_dim)
+        assert torch.allclose(model.encode(x[:, :1]), feats[:, :1], atol=1e-5)  # views encoded independently
+    with pytest.raises(ValueError, match="divisible"):
+        model(torch.rand(1, 2, 3, 30, 32))
+    with pytest.raises(ValueError, match="images"):
+        model(torch.rand(2, 3, 32, 32))
+
+
+def _vit_params(dim, depth, mlp=4):
+    block = (3 * dim * dim + 3 * dim) + (dim * dim + dim) + (2 * mlp * dim * dim + mlp * dim + dim) + 4 * dim
+    return depth * block
+
+
+def test_preset_parameter_counts_on_meta():
+    for name, (enc, dec) in {"large": (303_099_904, 86_434_560), "base": (85_647_360, 26_008_320)}.items():
+        cfg = PRESETS[name]
+        C, Cd, p = cfg.embed_dim, cfg.decoder_dim, cfg.patch_size
+        enc_formula = 3 * p * p * C + C + C + _vit_params(C, cfg.depth) + 2 * C        # patch, cls, blocks, norm
+        dec_formula = C * Cd + Cd + Cd + _vit_params(Cd, cfg.decoder_depth) + 2 * Cd + Cd * p * p * 3 + p * p * 3
+        assert (enc_formula, dec_formula) == (enc, dec)
+        with torch.device("meta"):
+            model = MuM(cfg)
+        n_enc = sum(v.numel() for k, v in model.named_parameters() if not k.startswith(("decoder", "mask_token")))
+        n_dec = sum(v.numel() for v in model.parameters()) - n_enc
+        assert (n_enc, n_dec) == (enc, dec), name
+    assert PRESETS["large"].decoder_depth == 12 and PRESETS["large"].decoder_heads == 16
+
+
+def test_optimizer_groups_no_decay_on_norms_biases_tokens():
+    model = _model()
+    opt = configure_optimizer(model, 1e-3)
+    no_wd = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    for n, p in model.named_parameters():
+        assert (id(p) in no_wd) == (p.ndim < 2 or n in ("cls_token", "mask_token")), n
+
+
+# ------------------------------------------------------------------------------------------ training script
+
+def test_train_script_runs_resumes_and_loss_falls(tmp_path, torch_path):
+    sys.path.insert(0, ROOT)
+    import train_mum
+    args = ["--out_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache"), "--num_objects", "2",
+            "--eval_objects", "2", "--max_views", "3", "--eval_views", "2", "--src_res", "40", "--res", "32",
+            "--images_per_batch", "6", "--warmup", "1", "--blr", "0.05", "--log_every", "3", "--eval_every", "6",
+            "--save_every", "6", "--match_eval", "false", "--model.embed_dim", "64", "--model.num_heads", "2",
+            "--model.depth", "1", "--model.decoder_dim", "32", "--model.decoder_heads", "2", "--model.decoder_depth", "2"]
+    train_mum.main(args + ["--steps", "6"])
+    run = tmp_path / "run"
+    assert (run / "model.safetensors").exists() and (run / "resume.pt").exists()
+    assert (run / "preview_000000.png").exists() and (run / "preview_000006.png").exists()
+    train_mum.main(args + ["--steps", "12"])                                  # resumes at step 6
+    recs = [json.loads(line) for line in open(run / "log.jsonl")]
+    evals = [r["eval_loss"] for r in recs if "eval_loss" in r]
+    steps = [r["step"] for r in recs if "eval_loss" in r]
+    assert steps == [0, 6, 12], steps                                        # no second step-0 eval: resumed
+    assert evals[-1] < evals[0], evals                                       # held-out loss falls
+    cfg = json.load(open(run / "config.json"))
+    assert cfg["model"]["embed_dim"] == 64 and cfg["train"]["steps"] == 12
+
+
+def test_random_resized_crop_shapes_and_range():
+    sys.path.insert(0, ROOT)
+    from train_mum import random_resized_crop
+    img = torch.rand(3, 40, 56)
+    for _ in range(20):
+        out = random_resized_crop(img, 32)
+        assert out.shape == (3, 32, 32) and out.min() >= 0 and out.max() <= 1
+
+
+# ------------------------------------------------------------------------------------------ matching eval
+
+def test_match_pck_on_synthetic_shift():
+    from nano4d.mum_eval import match_pck
+    p, h, w = 4, 3, 6
+    disp = torch.full((h * p, w * p), float(p))                              # every pixel moves one patch left
+    f = torch.randn(h, w + 1, 8)
+    fl, fr = f[:, :w].reshape(-1, 8), f[:, 1:w + 1].reshape(-1, 8)         # right (r, c) holds left (r, c + 1)
+    res = match_pck(fl, fr, disp, p, w)
+    # left (r, c) (c >= 1) truly maps to right (r, c-1), where features equal left (r, c): exact matches
+    assert res["n_valid"] == h * (w - 1)
+    assert res["pck@1"] == 1.0 and res["dense_pck@1"] == 1.0
+    res_bad = match_pck(fl, torch.randn_like(fr), disp, p, w)
+    assert res_bad["dense_pck@1"] < 1.0
+
+
+def test_motorcycle_eval_runs_on_random_model(torch_path):
+    pytest.importorskip("skimage")
+    from nano4d.mum_eval import evaluate_model, load_motorcycle, reference_scores
+    imgs, disp = load_motorcycle(scale=0.25)
+    assert imgs.shape[-2] % 16 == 0 and imgs.shape[-1] % 16 == 0 and disp.shape == imgs.shape[-2:]
+    res = evaluate_model(_model(), scale=0.25)
+    assert 0 <= res["pck@1"] <= res["pck@2"] <= 1 and res["n_valid"] > 0
+    ref = reference_scores(scale=0.25)
+    assert ref["zero_motion"]["pck@2"] >= ref["zero_motion"]["pck@1"]
