@@ -100,11 +100,11 @@ class GeoLRMConfig:
 
 
 PRESETS = {
-    # CPU preset: 56 px inputs (4x4 patches), 24^3 occupancy from 6^3 tokens, 256 anchors x 8 Gaussians
-    "tiny": GeoLRMConfig(img_size=56, enc_dim=96, enc_depth=2, enc_heads=2, enc_pos_grid=4, feat_dim=48,
-                         occ_res=24, prop_grid=6, prop_dim=48, prop_depth=2, prop_heads=2,
-                         dim=96, depth=3, heads=4, max_tokens=256, max_tokens_infer=512,
-                         gaussians_per_token=8, offset_max=0.06, scale_max=0.04, n_points=4, ffn_multiple_of=32),
+    # CPU preset: 32 px inputs in 8 px patches, 16^3 occupancy from 4^3 tokens, 192 anchors x 4 Gaussians
+    "tiny": GeoLRMConfig(img_size=32, patch_size=8, enc_dim=96, enc_depth=2, enc_heads=2, enc_pos_grid=4,
+                         feat_dim=48, occ_res=16, prop_grid=4, prop_dim=48, prop_depth=2, prop_heads=2,
+                         dim=96, depth=3, heads=4, max_tokens=192, max_tokens_infer=384,
+                         gaussians_per_token=4, offset_max=0.08, scale_max=0.06, n_points=4, ffn_multiple_of=32),
     "paper": GeoLRMConfig(),
 }
 
@@ -161,11 +161,12 @@ def rope_3d(x: torch.Tensor, pos: torch.Tensor, base: float = 10000.0) -> torch.
     D = x.shape[-1]
     assert D % 6 == 0, f"3-D RoPE needs a head dim divisible by 6, got {D}"
     Q = D // 6
-    freqs = base ** (-torch.arange(Q, device=x.device, dtype=torch.float32) / Q)     # (Q,)
+    fdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    freqs = base ** (-torch.arange(Q, device=x.device, dtype=fdt) / Q)               # (Q,)
     out = []
     for a in range(3):
         u, v = x[..., 2 * Q * a:2 * Q * a + Q], x[..., 2 * Q * a + Q:2 * Q * (a + 1)]
-        ang = pos[:, None, :, a, None].float() * freqs                               # (B, 1, N, Q)
+        ang = pos[:, None, :, a, None].to(fdt) * freqs                              # (B, 1, N, Q)
         cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
         out += [u * cos - v * sin, v * cos + u * sin]
     return torch.cat(out, -1)
@@ -205,7 +206,7 @@ class ImageEncoder(nn.Module):
         self.patch = p
         self.patch_embed = nn.Conv2d(3, E, p, p)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, E))
-        self.mask_token = nn.Parameter(torch.zeros(1, E))                           # HF layout; unused
+        self.register_buffer("mask_token", torch.zeros(1, E))                        # HF layout; unused
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + cfg.enc_pos_grid ** 2, E) * 0.02)
         self.blocks = nn.ModuleList(ViTBlock(E, cfg.enc_heads, cfg.enc_mlp_ratio, cfg.enc_layerscale)
                                     for _ in range(cfg.enc_depth))
@@ -406,9 +407,15 @@ class ProposalNet(nn.Module):
         x = torch.cat([xyz, self.embed.expand(B, -1, -1).to(xyz.dtype)], -1)
         x = self.transformer(x, xyz, self.pos.expand(B, -1, -1), None, c2w, K, images.shape[-2:],
                              feats, shapes, starts)
-        G, u = self.G, self.u
-        logits = self.head(x).view(B, G, G, G, u, u, u)                               # (B, Gz, Gy, Gx, uz, uy, ux)
-        return logits.permute(0, 1, 4, 2, 5, 3, 6).reshape(B, G * u, G * u, G * u).float()
+        return unfold_cells(self.head(x).float(), self.G, self.u)
+
+
+def unfold_cells(x: torch.Tensor, G: int, u: int) -> torch.Tensor:
+    """Per-token cell values (B, G^3, u^3) -> grid (B, R, R, R), R = G u: token (gz, gy, gx) fills cells
+    (gz u + dz, gy u + dy, gx u + dx), its values ordered (dz, dy, dx)."""
+    B = x.shape[0]
+    x = x.view(B, G, G, G, u, u, u)                                                   # (B, Gz, Gy, Gx, uz, uy, ux)
+    return x.permute(0, 1, 4, 2, 5, 3, 6).reshape(B, G * u, G * u, G * u)
 
 
 def occupancy_loss(logits: torch.Tensor, occ: torch.Tensor) -> dict:
@@ -527,6 +534,11 @@ class GeoLRM(nn.Module):
         self.proposal.train(was)
         limit = max_tokens or (self.cfg.max_tokens if self.training else self.cfg.max_tokens_infer)
         return select_anchors(logits, limit, self.cfg.official_cell_positions, generator)
+
+    def gt_anchors(self, occ: torch.Tensor, max_tokens: int | None = None):
+        """Anchors from a ground-truth occupancy (B, R, R, R) instead of the proposal network."""
+        limit = max_tokens or (self.cfg.max_tokens if self.training else self.cfg.max_tokens_infer)
+        return select_anchors(occ * 2 - 1, limit, self.cfg.official_cell_positions)
 
     def forward(self, images, c2w, K, target_c2w, target_K, target_hw, background=None, anchors=None) -> dict:
         """images (B, V, 3, h, w) in [0, 1]; c2w, K (B, V, ...) for them; targets (B, T, ...) rendered at
