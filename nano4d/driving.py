@@ -608,10 +608,14 @@ class ProceduralDriving(Dataset):
             s["seed"] = torch.tensor(self.scene_seed(i))
             return s
 
+    def start_time_of(self, i: int) -> float:
+        """Scene time (s) of item i's first frame (``random_street(scene_seed(i)).boxes_at(t)`` etc.)."""
+        return float(np.random.default_rng(self.scene_seed(i) + 1).uniform(*self.start_time))
+
     def _make(self, i: int) -> dict:
         s = self.scene_seed(i)
         world = random_street(s)
-        t0 = float(np.random.default_rng(s + 1).uniform(*self.start_time))
+        t0 = self.start_time_of(i)
         H, W = self.res
         cam2ego, K = rig_cameras(H, W)
         T = self.num_frames

@@ -383,6 +383,42 @@ def test_driving_depth_backprojects_above_ground(drive_sample):
     assert sky[:8].float().mean() > sky[-8:].float().mean()      # sky is at the top
 
 
+def test_ego_heading_follows_motion():
+    w = R.random_street(R.split_seed(0, "train", 4))
+    assert w.weave[0] > 0.05
+    for t in (0.3, 1.1, 2.7):
+        v = R.ego_pose(w, t + 1e-3)[:3, 3] - R.ego_pose(w, t - 1e-3)[:3, 3]
+        fwd = R.ego_pose(w, t)[:3, 0]
+        assert torch.allclose(fwd, v / v.norm(), atol=1e-3)
+        assert torch.allclose(R.ego_pose(w, t)[:3, 2], torch.tensor([0.0, 0, 1]))
+
+
+def test_bev_labels_agree_with_lidar_and_world(drive_sample):
+    """BEV is ego-centred: LiDAR points (ego frame) 0.5-1 m above the ground fall on car/building cells, ground
+    points never do; road cells are exactly the carriageway |y_world| < road_half."""
+    ds, s = drive_sample
+    w = R.random_street(ds.scene_seed(1))
+    cell = 2 * 51.2 / 64
+    for k in range(3):
+        p = s["lidar"][k][s["lidar_mask"][k]]
+        fine = R.bev_labels(w, ds.start_time_of(1) + k * ds.frame_dt, s["ego2world"][k], 51.2, 512)
+        ray = torch.nn.functional.normalize(p - torch.tensor([0.0, 0.0, R.LIDAR_HEIGHT]), dim=-1)
+        q = p + 0.3 * ray                                         # just behind the hit surface
+        ix, iy = ((q[:, 0] + 51.2) / 0.2).long(), ((q[:, 1] + 51.2) / 0.2).long()
+        inside = (ix >= 0) & (ix < 512) & (iy >= 0) & (iy < 512)
+        lab = fine[iy.clamp(0, 511), ix.clamp(0, 511)]
+        mid = inside & (p[:, 2] > 0.5) & (p[:, 2] < 1.0)
+        assert mid.sum() > 20 and torch.isin(lab[mid], torch.tensor([2, 3])).float().mean() > 0.8
+        ground = inside & (p[:, 2].abs() < 0.02)
+        assert torch.isin(lab[ground], torch.tensor([0, 1])).float().mean() > 0.98
+        assert torch.equal(R.bev_labels(w, ds.start_time_of(1) + k * ds.frame_dt, s["ego2world"][k], 51.2, 64), s["bev"][k])
+        c = -51.2 + (torch.arange(64) + 0.5) * cell
+        gy, gx = torch.meshgrid(c, c, indexing="ij")
+        pw = torch.stack([gx, gy, torch.zeros_like(gx)], -1) @ s["ego2world"][k, :3, :3].T + s["ego2world"][k, :3, 3]
+        free = s["bev"][k] <= 1
+        assert torch.equal(s["bev"][k][free] == 1, pw[..., 1].abs()[free] < w.road_half)
+
+
 def test_binned_ray_casting_matches_brute_force():
     w = R.random_street(123)
     c2e, K = R.rig_cameras(24, 40)
