@@ -401,12 +401,12 @@ def test_bev_labels_agree_with_lidar_and_world(drive_sample):
     cell = 2 * 51.2 / 64
     for k in range(3):
         p = s["lidar"][k][s["lidar_mask"][k]]
-        fine = R.bev_labels(w, ds.start_time_of(1) + k * ds.frame_dt, s["ego2world"][k], 51.2, 512)
+        fine = R.bev_labels(w, ds.start_time_of(1) + k * ds.frame_dt, s["ego2world"][k], 25.6, 256)
         ray = torch.nn.functional.normalize(p - torch.tensor([0.0, 0.0, R.LIDAR_HEIGHT]), dim=-1)
         q = p + 0.3 * ray                                         # just behind the hit surface
-        ix, iy = ((q[:, 0] + 51.2) / 0.2).long(), ((q[:, 1] + 51.2) / 0.2).long()
-        inside = (ix >= 0) & (ix < 512) & (iy >= 0) & (iy < 512)
-        lab = fine[iy.clamp(0, 511), ix.clamp(0, 511)]
+        ix, iy = ((q[:, 0] + 25.6) / 0.2).long(), ((q[:, 1] + 25.6) / 0.2).long()
+        inside = (ix >= 0) & (ix < 256) & (iy >= 0) & (iy < 256)
+        lab = fine[iy.clamp(0, 255), ix.clamp(0, 255)]
         mid = inside & (p[:, 2] > 0.5) & (p[:, 2] < 1.0)
         assert mid.sum() > 20 and torch.isin(lab[mid], torch.tensor([2, 3])).float().mean() > 0.8
         ground = inside & (p[:, 2].abs() < 0.02)
