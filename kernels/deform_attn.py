@@ -56,13 +56,23 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._common import (FLOAT_DTYPES, check_index_range, check_tensor, interpreting, next_pow2,
+from kernels._common import (FLOAT_DTYPES, check_index_range, check_same_device, check_tensor, interpreting, next_pow2,
                              use_triton)
 
 MAX_D = 256
 
 
 # ============================================================================ Triton kernels
+
+@triton.jit
+def _rowsum(x):
+    # == tl.sum(x, axis=1). tl.sum is itself a @triton.jit helper in triton.language.standard, which is
+    # a compiled (not interpreted) function when triton was imported before TRITON_INTERPRET was set
+    # (tests/conftest.py does that for the AOT tests), and calling it from an interpreted kernel fails.
+    # tl.reduce with the standard sum combiner is what tl.sum does, works in both modes and keeps
+    # the interpreter's fast numpy path (it recognises _sum_combine).
+    return tl.reduce(x, 1, tl.standard._sum_combine)
+
 
 @triton.jit
 def _corner_setup(loc_ptr, i, mask_q, Hm, Wm, ACC: tl.constexpr):
@@ -189,9 +199,9 @@ def _deform_attn_bwd_kernel(
                 + (fy * gx)[:, None] * v10 + (fy * fx)[:, None] * v11
             dsx = gy[:, None] * (v01 - v00) + fy[:, None] * (v11 - v10)
             dsy = gx[:, None] * (v10 - v00) + fx[:, None] * (v11 - v01)
-            g_aw = tl.sum(g * samp, axis=1)
-            g_x = aw * tl.sum(g * dsx, axis=1) * Wm.to(ACC)
-            g_y = aw * tl.sum(g * dsy, axis=1) * Hm.to(ACC)
+            g_aw = _rowsum(g * samp)
+            g_x = aw * _rowsum(g * dsx) * Wm.to(ACC)
+            g_y = aw * _rowsum(g * dsy) * Hm.to(ACC)
             tl.store(gattw_ptr + i, g_aw.to(gattw_ptr.dtype.element_ty), mask=mask_q)
             tl.store(gloc_ptr + 2 * i, g_x.to(gloc_ptr.dtype.element_ty), mask=mask_q)
             tl.store(gloc_ptr + 2 * i + 1, g_y.to(gloc_ptr.dtype.element_ty), mask=mask_q)
@@ -280,7 +290,7 @@ def _block_sizes(D: int, Q: int, interpret: bool | None = None):
     """(BLOCK_Q, BLOCK_D, num_warps). GPU: a ~2k-element tile per program. Interpreter: few, big
     programs (each program costs ~0.4 ms of Python there)."""
     interpret = interpreting() if interpret is None else interpret
-    block_d = max(8, next_pow2(D))
+    block_d = max(16, next_pow2(D))
     if interpret:
         return max(16, min(128, next_pow2(Q))), block_d, 4
     block_q = max(8, min(64, 2048 // block_d))
@@ -390,6 +400,14 @@ def deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_i
     Raises ``ValueError`` naming the argument on bad shapes / dtypes / inconsistent map metadata.
     """
     if use_triton(value, sampling_locations, attention_weights):
+        # devices first (a meta/fake tensor would otherwise route the op to its fake kernel); the
+        # launcher inside the op does the full validation
+        for name, t in (("value", value), ("spatial_shapes", spatial_shapes),
+                        ("level_start_index", level_start_index), ("sampling_locations", sampling_locations),
+                        ("attention_weights", attention_weights)):
+            check_tensor(name, t)
+        check_same_device(value=value, sampling_locations=sampling_locations,
+                          attention_weights=attention_weights)
         return torch.ops.nano4d.deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                                             attention_weights)
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
