@@ -470,11 +470,13 @@ def _proj_block(n: int) -> int:
     return 1024 if interpreting() else 256
 
 
-def _raster_blocks(C: int):
+def _raster_blocks(C: int, bwd: bool = False):
     """(G Gaussians per chunk, CB channels per block). Big chunks under the interpreter (each loop
-    iteration costs ~1 ms there); 16 on the GPU (tl.dot needs >= 16; keeps registers in check)."""
+    iteration costs ~1 ms there); 16 on the GPU (tl.dot needs >= 16; keeps registers in check).
+    The backward loops over channel blocks inside the kernel and caps CB at 32 (shared memory: 51 KB
+    at CB=16, 88 KB at 32, 160 KB at 64 -- too close to sm_80's 163 KB)."""
     G = 64 if interpreting() else 16
-    CB = max(16, min(64, next_pow2(C)))
+    CB = max(16, min(32 if bwd else 64, next_pow2(C)))
     return G, CB
 
 
@@ -582,7 +584,7 @@ def _rasterize_bwd(means2d, conics, depths, opacities, colors, background, offse
     g_opa = torch.zeros(B, N, dtype=dt, device=dev)
     g_col = torch.zeros(B, N, C, dtype=dt, device=dev)
     TW, TH = triton.cdiv(W, TILE), triton.cdiv(H, TILE)
-    G, CB = _raster_blocks(C)
+    G, CB = _raster_blocks(C, bwd=True)
     _splat_raster_bwd_kernel[(TW * TH, B * V)](
         means2d.contiguous(), conics.contiguous(), depths.contiguous(), opacities.contiguous(),
         colors.contiguous(), background.contiguous(), offsets, ids, out_t, last,
@@ -623,8 +625,21 @@ def _project_backward(ctx, g_m2d, g_con, g_dep, g_rad):
     g_m2d = z(B, V, N, 2) if g_m2d is None else g_m2d
     g_con = z(B, V, N, 3) if g_con is None else g_con
     g_dep = z(B, V, N) if g_dep is None else g_dep
-    gm, gq, gs = _project_bwd(means, quats, scales, viewmats, Ks, radii, g_m2d, g_con, g_dep, ctx.eps2d)
+    gm, gq, gs = torch.ops.nano4d.splat_project_bwd(means, quats, scales, viewmats, Ks, radii, g_m2d, g_con,
+                                                    g_dep, ctx.eps2d)
     return gm, gq, gs, None, None, None, None, None, None, None
+
+
+@torch.library.custom_op("nano4d::splat_project_bwd", mutates_args=())
+def _project_bwd_op(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, viewmats: torch.Tensor,
+                    Ks: torch.Tensor, radii: torch.Tensor, g_m2d: torch.Tensor, g_con: torch.Tensor,
+                    g_dep: torch.Tensor, eps2d: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _project_bwd(means, quats, scales, viewmats, Ks, radii, g_m2d, g_con, g_dep, eps2d)
+
+
+@_project_bwd_op.register_fake
+def _(means, quats, scales, viewmats, Ks, radii, g_m2d, g_con, g_dep, eps2d):
+    return torch.empty_like(means), torch.empty_like(quats), torch.empty_like(scales)
 
 
 _project_op.register_autograd(_project_backward, setup_context=_project_setup)
@@ -663,9 +678,25 @@ def _raster_backward(ctx, g_c, g_a, g_d, g_t, g_last):
     g_c = z(B, V, height, width, C) if g_c is None else g_c
     g_a = z(B, V, height, width, 1) if g_a is None else g_a
     g_d = z(B, V, height, width, 1) if g_d is None else g_d
-    grads = _rasterize_bwd(means2d, conics, depths, opacities, colors, background, offsets, ids, width, height,
-                           out_t, last, g_c, g_a, g_d)
+    grads = torch.ops.nano4d.splat_rasterize_bwd(means2d, conics, depths, opacities, colors, background, offsets,
+                                                 ids, width, height, out_t, last, g_c, g_a, g_d)
     return (*grads, None, None, None, None)
+
+
+@torch.library.custom_op("nano4d::splat_rasterize_bwd", mutates_args=())
+def _raster_bwd_op(means2d: torch.Tensor, conics: torch.Tensor, depths: torch.Tensor, opacities: torch.Tensor,
+                   colors: torch.Tensor, background: torch.Tensor, offsets: torch.Tensor, ids: torch.Tensor,
+                   width: int, height: int, out_t: torch.Tensor, last: torch.Tensor, g_c: torch.Tensor,
+                   g_a: torch.Tensor, g_d: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _rasterize_bwd(means2d, conics, depths, opacities, colors, background, offsets, ids, width, height,
+                          out_t, last, g_c, g_a, g_d)
+
+
+@_raster_bwd_op.register_fake
+def _(means2d, conics, depths, opacities, colors, background, offsets, ids, width, height, out_t, last, g_c, g_a,
+      g_d):
+    return tuple(torch.empty_like(t) for t in (means2d, conics, depths, opacities, colors, background))
 
 
 _raster_op.register_autograd(_raster_backward, setup_context=_raster_setup)
