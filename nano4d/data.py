@@ -4,9 +4,10 @@ Everything here renders or reads on the CPU, deterministically by seed, with no 
 
 Procedural objects
     An object (``SDFObject``) is a composition of 1-6 signed-distance primitives (sphere, box, rounded box,
-    capsule, cylinder, torus) with random rotation/translation/size, combined in order by union, smooth
-    union or subtraction, then uniformly rescaled and centred so that its bounding box fits in
-    [-0.45, 0.45]^3 (inside the object cube [-0.5, 0.5]^3). Each primitive carries a procedural albedo
+    capsule, cylinder, torus, cone, hexagonal prism) with random rotation/translation/size, combined in order
+    by union, smooth union or subtraction, then uniformly rescaled and centred so that its bounding box
+    (estimated on a 40^3 grid) spans about [-0.45, 0.45] on its longest axis, inside the object cube
+    [-0.5, 0.5]^3. Each primitive carries a procedural albedo
     (solid, checker, stripes, gradient, value noise, dots) in its local frame, so texture sticks to the
     surface and is consistent across views. Shading is Lambertian from one random world-fixed light plus
     ambient (baked, view independent). World frame: z up; object cube [-0.5, 0.5]^3.
@@ -41,7 +42,7 @@ from torch.utils.data import Dataset
 
 from nano4d.utils import camera_rays, fov_to_K, look_at
 
-PRIM_TYPES = ("sphere", "box", "round_box", "capsule", "cylinder", "torus")
+PRIM_TYPES = ("sphere", "box", "round_box", "capsule", "cylinder", "torus", "cone", "hex_prism")
 TEXTURES = ("solid", "checker", "stripes", "gradient", "noise", "dots")
 OPS = ("union", "smooth_union", "subtract")
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -91,7 +92,9 @@ class SDFObject:
     """K primitives, applied in order (primitive 0 is always a plain union with the empty set).
 
     ``params`` (K, 4) per type: sphere (r), box (bx, by, bz half extents), round_box (bx, by, bz, rounding),
-    capsule (half length along local z, r), cylinder (half height along local z, r), torus (R, r in local xy).
+    capsule (half length along local z, r), cylinder (half height along local z, r), torus (R, r in local xy),
+    cone (half height along local z, bottom radius, top radius), hex_prism (apothem in xy, half height in z).
+    All are exact signed distances (1-Lipschitz), which sphere tracing relies on.
     ``rot`` (K, 3, 3) maps local to world (world = rot @ local + trans)."""
     prim_type: torch.Tensor   # (K,) int64 index into PRIM_TYPES
     params: torch.Tensor      # (K, 4)
@@ -159,6 +162,10 @@ def _bound_radius(kind: str, p) -> float:
         return float(np.linalg.norm(p[:3]))
     if kind in ("capsule", "cylinder"):
         return float(math.hypot(p[0], p[1])) + (p[1] if kind == "capsule" else 0.0)
+    if kind == "cone":
+        return float(math.hypot(p[0], max(p[1], p[2])))
+    if kind == "hex_prism":
+        return float(math.hypot(p[0] / math.cos(math.pi / 6), p[1]))
     return p[0] + p[1]  # torus
 
 
@@ -173,6 +180,11 @@ def _random_params(kind: str, rng) -> list:
         return b + [min(b) * rng.uniform(0.15, 0.6)]
     if kind in ("capsule", "cylinder"):
         return [s * rng.uniform(0.6, 1.6), s * rng.uniform(0.3, 0.7), 0, 0]
+    if kind == "cone":
+        r1 = s * rng.uniform(0.5, 1.0)
+        return [s * rng.uniform(0.6, 1.3), r1, r1 * rng.uniform(0.0, 0.6), 0]
+    if kind == "hex_prism":
+        return [s * rng.uniform(0.5, 1.0), s * rng.uniform(0.3, 1.2), 0, 0]
     R = s * rng.uniform(0.8, 1.3)
     return [R, R * rng.uniform(0.2, 0.45), 0, 0]  # torus
 
@@ -181,7 +193,7 @@ def random_object(seed, max_parts: int = 6) -> SDFObject:
     """A random SDF object, deterministic in ``seed`` (int or np.random.SeedSequence)."""
     rng = _rng(seed)
     for _attempt in range(20):
-        k = int(rng.integers(1, max_parts + 1))
+        k = 1 if rng.uniform() < 0.1 else int(rng.integers(2, max_parts + 1))
         prims = []
         for i in range(k):
             kind = PRIM_TYPES[int(rng.integers(len(PRIM_TYPES)))]
@@ -257,6 +269,27 @@ def _prim_sdf(kind: int, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     if name == "cylinder":
         d = torch.stack([q[:, :2].norm(dim=-1) - p[1], q[:, 2].abs() - p[0]], -1)
         return d.clamp_min(0).norm(dim=-1) + d.max(-1).values.clamp_max(0)
+    if name == "cone":   # capped cone along z: half height h, radius r1 at z = -h, r2 at z = +h
+        h, r1, r2 = p[0], p[1], p[2]
+        qx, qy = q[:, :2].norm(dim=-1), q[:, 2]
+        ca = torch.stack([qx - torch.minimum(qx, torch.where(qy < 0, r1, r2)), qy.abs() - h], -1)
+        k1 = torch.stack([r2, h])
+        k2 = torch.stack([r2 - r1, 2 * h])
+        qq = torch.stack([qx, qy], -1)
+        f = (((k1 - qq) * k2).sum(-1) / (k2 * k2).sum()).clamp(0, 1)
+        cb = qq - k1 + k2 * f[:, None]
+        sign = torch.where((cb[:, 0] < 0) & (ca[:, 1] < 0), -1.0, 1.0)
+        return sign * torch.minimum((ca * ca).sum(-1), (cb * cb).sum(-1)).sqrt()
+    if name == "hex_prism":   # hexagon in xy with apothem a, half height h along z
+        a, h = p[0], p[1]
+        kx, ky, kz = -0.8660254037844386, 0.5, 0.5773502691896258
+        x, y, z = q.abs().unbind(-1)
+        m = 2 * (kx * x + ky * y).clamp_max(0)
+        x, y = x - m * kx, y - m * ky
+        lx = x - x.clamp(-kz * a, kz * a)
+        dx = torch.stack([lx, y - a], -1).norm(dim=-1) * torch.sign(y - a)
+        d = torch.stack([dx, z - h], -1)
+        return d.max(-1).values.clamp_max(0) + d.clamp_min(0).norm(dim=-1)
     # torus
     return torch.stack([q[:, :2].norm(dim=-1) - p[0], q[:, 2]], -1).norm(dim=-1) - p[1]
 
