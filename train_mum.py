@@ -171,7 +171,7 @@ def run_match_eval(tc: TrainConfig):
     try:
         import skimage  # noqa: F401
     except ImportError:
-        print0("match eval skipped: scikit-image is not installed (pip install 'nano4d[eval]')")
+        print0("match eval skipped: scikit-image is not installed (pip install scikit-image, or the 'test' extra)")
         return None
     from nano4d.mum_eval import compare, format_table
     res = compare(os.path.join(tc.out_dir, "model.safetensors"))
