@@ -17,9 +17,9 @@ shared/papers/official-code-notes.md §2):
     positions in every view.
   - Pre-norm ViT blocks (LayerNorm, qkv bias, GELU MLP ratio 4), final norm; decoder: Linear(enc -> dec),
     mask token, full-order restore, blocks alternating frame-wise / global (frame first), decoder norm,
-    Linear(dec -> p*p*3). Every attention call is `kernels.patch_attention` with per-token segment ids
-    (frame-wise: id = view index; global: id 0 for the whole sample), so the block-sparse kernel skips
-    cross-view tiles in frame-wise blocks.
+    Linear(dec -> p*p*3). Every attention call is `kernels.patch_attention`; the decoder lays the V views of
+    a sample side by side, (B, V*(1+L), Cd), and frame-wise blocks pass segment id = view index per token
+    (the block-sparse kernel then skips cross-view tiles) while global blocks pass none (one segment).
   - Loss: per-patch normalised pixel targets ((x - mean) / sqrt(var + 1e-6), var unbiased as in MAE),
     MSE averaged over the p*p*3 values, then over the masked patches of all views.
   - Inputs are images in [0, 1]; ImageNet mean/std normalisation happens inside the model.
@@ -32,6 +32,8 @@ Differences from the official code:
   - LayerNorm eps is a config field (official mum.yaml uses 1e-5, the default here too).
   - Any image size divisible by the patch size and any number of views per batch (V = 1 is plain MAE
     with a RoPE ViT).
+  - ImageNet mean/std normalisation is done by the model (official: in the data transform), so `encode`
+    and `forward` take plain [0, 1] images.
 
 Shape legend: B samples, V views per sample, H x W image, p patch size, h = H/p, w = W/p, L = h*w patches
 per view, Lk = kept patches per view, C encoder dim, Cd decoder dim, nh heads, D head dim, N tokens.
@@ -41,7 +43,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from kernels import patch_attention
 
