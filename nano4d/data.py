@@ -754,18 +754,26 @@ def write_gobjaverse_object(root: str, obj_id: str, rgba, c2w, K, depth=None, no
 
 
 def _read_exr(path: str) -> np.ndarray:
-    """(H, W, C) float32 from an OpenEXR file, via OpenEXR, OpenCV or imageio (whichever is installed)."""
+    """(H, W, C) float32 from an OpenEXR file (channels R, G, B, A first, then the rest by name), via the
+    ``openexr`` package (3.x API, or the legacy one) or OpenCV, whichever is installed."""
     errors = []
     try:
         import OpenEXR
-        import Imath
-        f = OpenEXR.InputFile(path)
-        dw = f.header()["dataWindow"]
-        w, h = dw.max.x - dw.min.x + 1, dw.max.y - dw.min.y + 1
-        names = sorted(f.header()["channels"])
-        order = [c for c in ("R", "G", "B", "A") if c in names] or names
-        pt = Imath.PixelType(Imath.PixelType.FLOAT)
-        return np.stack([np.frombuffer(f.channel(c, pt), np.float32).reshape(h, w) for c in order], -1)
+        try:
+            if hasattr(OpenEXR, "File"):
+                ch = {k: np.asarray(v.pixels, dtype=np.float32)
+                      for k, v in OpenEXR.File(path, separate_channels=True).channels().items()}
+            else:
+                import Imath
+                f = OpenEXR.InputFile(path)
+                dw = f.header()["dataWindow"]
+                w, h = dw.max.x - dw.min.x + 1, dw.max.y - dw.min.y + 1
+                pt = Imath.PixelType(Imath.PixelType.FLOAT)
+                ch = {c: np.frombuffer(f.channel(c, pt), np.float32).reshape(h, w) for c in f.header()["channels"]}
+        except Exception as e:
+            raise DataError(f"{path}: unreadable EXR ({e})") from None
+        order = [c for c in ("R", "G", "B", "A") if c in ch] + sorted(c for c in ch if c not in ("R", "G", "B", "A"))
+        return np.stack([ch[c] for c in order], -1)
     except ImportError as e:
         errors.append(str(e))
     try:
@@ -779,7 +787,7 @@ def _read_exr(path: str) -> np.ndarray:
     except ImportError as e:
         errors.append(str(e))
     raise DataError(f"{path}: reading GObjaverse depth/normal EXR needs an EXR reader "
-                    f"(pip install OpenEXR, or opencv-python); none found ({'; '.join(errors)})")
+                    f"(pip install openexr, or opencv-python); none found ({'; '.join(errors)})")
 
 
 def _read_view(vd: str, v: int):
@@ -826,7 +834,8 @@ def _read_view(vd: str, v: int):
         if nd.ndim != 3 or nd.shape[-1] < 4:
             raise DataError(f"{base}_nd.exr: expected 4 channels (normal xyz, depth), got shape {nd.shape}")
         depth = nd[..., 3]
-        # GObjaverse stores normals in Unity axes; GeoLRM's unity2blender: (x, y, z) -> (-z, -x, y)
+        # GObjaverse stores normals in Unity axes; GeoLRM's unity2blender: (x, y, z) -> (-z, -x, y).
+        # Taken from GeoLRM's loader, not verified here against real GObjaverse files.
         normal = np.stack([-nd[..., 2], -nd[..., 0], nd[..., 1]], -1)
     if depth is not None and depth.shape[:2] != (H, W):
         raise DataError(f"{base}: depth is {depth.shape[1]}x{depth.shape[0]} but the image is {W}x{H}")
@@ -864,7 +873,8 @@ def read_gobjaverse_object(obj_dir: str, views=None) -> dict:
     out = dict(images=rgba[:, :3].contiguous(), alphas=rgba[:, 3:].contiguous(), c2w=torch.stack(c2ws),
                K=torch.stack(Ks), view_ids=ids, depths=None, normals=None)
     if all(d is not None for d in depths):
-        out["depths"] = torch.from_numpy(np.stack(depths)).float()[:, None]
+        # z-depth, 0 where alpha is 0 (GObjaverse EXRs may hold far values there)
+        out["depths"] = torch.from_numpy(np.stack(depths)).float()[:, None] * (out["alphas"] > 0)
     elif any(d is not None for d in depths):
         miss = ids[[d is None for d in depths].index(True)]
         raise DataError(f"{os.path.join(obj_dir, f'{miss:05d}')}: depth missing for this view while others have it")

@@ -225,6 +225,27 @@ def test_gobjaverse_roundtrip(tmp_path):
                           project_points(pts, invert_pose(it["c2w"]), K)[0], atol=1e-3)
 
 
+def test_gobjaverse_nd_exr(tmp_path):
+    """GObjaverse's <view>_nd.exr (normal xyz in Unity axes + depth) is read when an EXR reader exists."""
+    OpenEXR = pytest.importorskip("OpenEXR")
+    if not hasattr(OpenEXR, "File"):
+        pytest.skip("needs the openexr 3.x API to write the fixture")
+    obj = _write_tiny_object(tmp_path, "e", 1)
+    os.remove(os.path.join(obj, "00000", "00000_depth.npy"))
+    nd = np.random.default_rng(0).normal(size=(6, 8, 4)).astype(np.float32)
+    OpenEXR.File({"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage},
+                 {"RGBA": nd}).write(os.path.join(obj, "00000", "00000_nd.exr"))
+    r = D.read_gobjaverse_object(obj)
+    alpha = r["alphas"][0, 0].numpy()
+    assert (alpha == 0).any() and np.allclose(r["depths"][0, 0].numpy(), nd[..., 3] * (alpha > 0))
+    n = r["normals"][0].permute(1, 2, 0).numpy()           # unity2blender: (x, y, z) -> (-z, -x, y)
+    assert np.allclose(n, np.stack([-nd[..., 2], -nd[..., 0], nd[..., 1]], -1))
+    with open(os.path.join(obj, "00000", "00000_nd.exr"), "wb") as f:
+        f.write(b"garbage")
+    with pytest.raises(D.DataError, match=r"00000_nd\.exr: unreadable EXR"):
+        D.read_gobjaverse_object(obj)
+
+
 def test_gobjaverse_json_convention():
     """GObjaverse JSON: x, y, z = camera right, down, forward in world (OpenCV); fovs in radians."""
     meta = {"x": [1, 0, 0], "y": [0, 0, -1], "z": [0, 1, 0], "origin": [0, -2, 0],
@@ -241,8 +262,10 @@ def test_gobjaverse_json_convention():
 def _write_tiny_object(root, name, n_views, hw=(6, 8)):
     H, W = hw
     c2w, K = D.orbit_cameras(n_views, (H, W), seed=0, ring_views=min(n_views, 24))
-    rgba = torch.rand(n_views, H, W, 4)
-    return D.write_gobjaverse_object(str(root), name, rgba, c2w, K, depth=torch.rand(n_views, H, W))
+    g = torch.Generator().manual_seed(n_views)
+    rgba = torch.rand(n_views, H, W, 4, generator=g)
+    rgba[..., 3] = (0.1 + 0.9 * rgba[..., 3]) * (torch.arange(W) % 3 != 0)    # some alpha = 0 pixels
+    return D.write_gobjaverse_object(str(root), name, rgba, c2w, K, depth=torch.rand(n_views, H, W, generator=g))
 
 
 def test_gobjaverse_dataset_views_and_resize(tmp_path):
