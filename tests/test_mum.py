@@ -6,6 +6,7 @@ kernel itself is tested in tests/test_patch_attn.py; `test_triton_path_matches_r
 """
 import ast
 import builtins
+import importlib.util
 import json
 import os
 import sys
@@ -289,6 +290,10 @@ def test_train_script_runs_resumes_and_loss_falls(tmp_path, torch_path):
     assert evals[-1] < evals[0], evals                                       # held-out loss falls
     cfg = json.load(open(run / "config.json"))
     assert cfg["model"]["embed_dim"] == 64 and cfg["train"]["steps"] == 8
+    if importlib.util.find_spec("skimage"):                                  # the checkpoint feeds the eval
+        from nano4d.mum_eval import compare
+        res = compare(str(run / "model.safetensors"), scale=0.25, seeds=(0, 1))
+        assert len(res["random_init_seeds"]) == 2 and res["trained"]["n_valid"] == res["raw_pixels"]["n_valid"]
 
 
 def test_random_resized_crop_shapes_and_range():
