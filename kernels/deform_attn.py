@@ -65,16 +65,6 @@ MAX_D = 256
 # ============================================================================ Triton kernels
 
 @triton.jit
-def _rowsum(x):
-    # == tl.sum(x, axis=1). tl.sum is itself a @triton.jit helper in triton.language.standard, which is
-    # a compiled (not interpreted) function when triton was imported before TRITON_INTERPRET was set
-    # (tests/conftest.py does that for the AOT tests), and calling it from an interpreted kernel fails.
-    # tl.reduce with the standard sum combiner is what tl.sum does, works in both modes and keeps
-    # the interpreter's fast numpy path (it recognises _sum_combine).
-    return tl.reduce(x, 1, tl.standard._sum_combine)
-
-
-@triton.jit
 def _corner_setup(loc_ptr, i, mask_q, Hm, Wm, ACC: tl.constexpr):
     """Pixel-space bilinear setup for one (m, p) sample of BLOCK_Q queries.
 
@@ -199,9 +189,9 @@ def _deform_attn_bwd_kernel(
                 + (fy * gx)[:, None] * v10 + (fy * fx)[:, None] * v11
             dsx = gy[:, None] * (v01 - v00) + fy[:, None] * (v11 - v10)
             dsy = gx[:, None] * (v10 - v00) + fx[:, None] * (v11 - v01)
-            g_aw = _rowsum(g * samp)
-            g_x = aw * _rowsum(g * dsx) * Wm.to(ACC)
-            g_y = aw * _rowsum(g * dsy) * Hm.to(ACC)
+            g_aw = tl.sum(g * samp, axis=1)
+            g_x = aw * tl.sum(g * dsx, axis=1) * Wm.to(ACC)
+            g_y = aw * tl.sum(g * dsy, axis=1) * Hm.to(ACC)
             tl.store(gattw_ptr + i, g_aw.to(gattw_ptr.dtype.element_ty), mask=mask_q)
             tl.store(gloc_ptr + 2 * i, g_x.to(gloc_ptr.dtype.element_ty), mask=mask_q)
             tl.store(gloc_ptr + 2 * i + 1, g_y.to(gloc_ptr.dtype.element_ty), mask=mask_q)
