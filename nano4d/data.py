@@ -26,7 +26,6 @@ Preview: ``python -m nano4d.data preview --out runs/preview`` writes objects.png
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import os
