@@ -18,8 +18,11 @@ Procedural objects
     ``occupancy_grid`` samples the SDF at the cell centres of an R^3 grid over [-0.5, 0.5]^3, tensor order
     (Z, Y, X): cell (k, j, i) has centre (x, y, z) = (-0.5 + (i + .5)/R, -0.5 + (j + .5)/R, -0.5 + (k + .5)/R).
 
-Loaders for real formats (``GObjaverseDataset``, ``ImageSequenceFolder``; driving rig JSON in
-``nano4d.driving``) raise ``DataError`` (a ``ValueError``) naming the offending file; they never skip.
+Procedural driving scenes (``ProceduralDriving``) and the nuScenes-style rig JSON (``write_rig``, ``read_rig``,
+``RigDataset``) live in ``nano4d.driving`` and are re-exported here.
+
+Loaders for real formats (``GObjaverseDataset``, ``ImageSequenceFolder``, ``RigDataset``) raise ``DataError``
+(a ``ValueError``) naming the offending file; they never skip.
 
 Preview: ``python -m nano4d.data preview --out runs/preview`` writes objects.png and driving.png.
 """
@@ -1070,6 +1073,17 @@ class ImageSequenceFolder(Dataset):
                 raise DataError(f"{files[j]}: size {im.shape[2]}x{im.shape[1]} differs from {files[pick[0]]} "
                                 f"({imgs[0].shape[2]}x{imgs[0].shape[1]}); pass res= to resize")
         return dict(images=torch.stack(imgs), sequence=self.sequences[i])
+
+
+_DRIVING_NAMES = ("ProceduralDriving", "RigDataset", "write_rig", "read_rig", "load_rig_frames", "random_street",
+                  "render_cameras", "lidar_scan", "bev_labels", "rig_cameras", "ego_pose", "CAM_NAMES", "BEV_LABELS")
+
+
+def __getattr__(name):  # nano4d.data.ProceduralDriving etc. (lazy: nano4d.driving imports this module)
+    if name in _DRIVING_NAMES:
+        from nano4d import driving
+        return getattr(driving, name)
+    raise AttributeError(f"module 'nano4d.data' has no attribute {name!r}")
 
 
 # ============================================================================ preview

@@ -159,7 +159,8 @@ def random_street(seed) -> StreetWorld:
         x = x_lo + rng.uniform(0, 20)
         while x < x_hi:
             boxes.append(((x - 0.09, yl - 0.09, 0.0), (x + 0.09, yl + 0.09, 6.5), POLE, (0.25, 0.26, 0.28), 0.0))
-            boxes.append(((x - 0.25, yl - side * 1.2 - 0.2, 6.3), (x + 0.25, yl + 0.2, 6.55), LAMP, (0.3, 0.3, 0.32), 0.0))
+            ya, yb = sorted((yl - side * 1.3, yl))                   # arm reaching over the road
+            boxes.append(((x - 0.25, ya, 6.3), (x + 0.25, yb, 6.5), LAMP, (0.3, 0.3, 0.32), 0.0))
             x += rng.uniform(18, 30)
         x = x_lo + rng.uniform(0, 15)
         while x < x_hi:
