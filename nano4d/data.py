@@ -562,6 +562,7 @@ class ProceduralObjects(Dataset):
       seed () int64 the object seed (``random_object(seed)`` rebuilds the object).
     Views 0..3 are the GeoLRM ring (``elevation_deg``, azimuths 90 deg apart from a random start), the
     rest random on the sphere. ``background``: "white", "random" (one uniform colour per sample) or (r, g, b).
+    With ``supersample=1`` alpha is binary, so another background is ``composite(images, alphas, bg)``.
     ``cache_dir``: renders are stored there in the GObjaverse layout (``write_gobjaverse_object``, with
     occupancy and surface points) and read back on later calls; occupancy/surface are re-derived when the
     requested resolution differs. ``threads``: torch intra-op threads while rendering (``limit_threads``).

@@ -53,6 +53,8 @@ def test_objects_shapes_determinism_and_splits():
     val = D.ProceduralObjects(split="val", **kw)
     seeds_train = {D.ProceduralObjects(**kw).object_seed(i) for i in range(50)}
     assert not seeds_train & {val.object_seed(i) for i in range(50)}
+    batch = next(iter(torch.utils.data.DataLoader(D.ProceduralObjects(**kw), batch_size=2)))
+    assert batch["images"].shape == (2, 5, 3, 20, 24) and torch.equal(batch["images"][1], a["images"])
     rnd = D.ProceduralObjects(background="random", **kw)[1]
     bg = rnd["background"].view(3, 1, 1)
     mask = rnd["alphas"] == 0
@@ -378,6 +380,19 @@ def test_driving_shapes_and_determinism(drive_sample):
     assert not torch.equal(ds[2]["images"], s["images"])
     val = R.ProceduralDriving(3, split="val")
     assert not {ds.scene_seed(i) for i in range(20)} & {val.scene_seed(i) for i in range(20)}
+
+
+def test_street_worlds_are_well_formed():
+    for seed in range(12):
+        w = R.random_street(seed)
+        assert (w.hi > w.lo).all(), f"inverted box in street {seed}"
+        cars = (w.kind == R.CAR_BODY).nonzero().squeeze(1)
+        lo, hi = w.boxes_at(0.0)
+        # no moving car overlaps the ego's start position, and the ego lane is on the +x side (y < 0)
+        ego = torch.tensor([0.0, w.ego_y])
+        assert not (((lo[cars, :2] - 1.0) <= ego) & (ego <= (hi[cars, :2] + 1.0))).all(-1).any()
+        assert -w.road_half < w.ego_y < 0 and (w.vel[w.vel != 0] != 0).any()
+        assert (w.spheres[:, 3] > 0).all()
 
 
 def test_rig_geometry():
