@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import (FLOAT_DTYPES, check_index_range, check_same_device, check_tensor, interpreting,
-                             next_pow2, use_triton)
+                             use_triton)
 
 EPS_ALPHA = 1e-5      # NeuS' epsilon in the alpha formula
 T_STOP = 1e-4         # early-stop transmittance threshold
@@ -52,49 +52,39 @@ MAX_FEATURES = 256
 
 
 # ============================================================================ Triton kernels
+# Volume layout inside the kernels: channels-last (B, Z, Y, X, C), so one voxel corner is one contiguous vector.
+# Features are processed in chunks of BLOCK_F channels: the forward grid has one program per (ray block,
+# chunk) (the alpha pass is redone per chunk; one chunk for C <= 33), the backward loops over chunks.
 
 @triton.jit
-def _axis_setup(p, n, CDT: tl.constexpr):
-    """Normalized coordinate -> (floor index, fraction, d index / d p). Clamps to [-5, 5], NaN -> -5."""
+def _axis(p, n, stride, CDT: tl.constexpr):
+    """One axis of the trilinear stencil for normalized coordinate p on an axis of n voxels:
+    (offset of the low / high neighbour, their in-bounds flags, their weights, d index / d p).
+    Coordinates are clamped to [-5, 5] and NaN mapped to -5 (always outside), so indices stay small."""
     inr = tl.abs(p) <= 5.0
     p = tl.where(inr, p, tl.where(p > 5.0, 5.0, -5.0))
     scale = 0.5 * (n - 1).to(CDT)
     i = (p + 1.0) * scale
     i0f = tl.floor(i)
-    return i0f.to(tl.int32), i - i0f, tl.where(inr, scale, 0.0)
+    fr = i - i0f
+    i0 = i0f.to(tl.int32)
+    return (i0 * stride, i0 * stride + stride, (i0 >= 0) & (i0 < n), (i0 >= -1) & (i0 < n - 1),
+            1.0 - fr, fr, tl.where(inr, scale, 0.0))
 
 
 @triton.jit
 def _sample_fwd(vol_ptr, vb, px, py, pz, X, Y, Z, svz, svy, svx, offs_f, mask_r, mask_f,
                 CDT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
-    """Trilinear SDF (BLOCK_R,) and features (BLOCK_R, BLOCK_F) at p; channel 0 = sdf, stride 1 channels."""
-    x0, fx, _sx = _axis_setup(px, X, CDT)
-    y0, fy, _sy = _axis_setup(py, Y, CDT)
-    z0, fz, _sz = _axis_setup(pz, Z, CDT)
+    """Trilinear SDF (BLOCK_R,) and one feature chunk (BLOCK_R, BLOCK_F) at p."""
+    ox0, ox1, vx0, vx1, wx0, wx1, _sx = _axis(px, X, svx, CDT)
+    oy0, oy1, vy0, vy1, wy0, wy1, _sy = _axis(py, Y, svy, CDT)
+    oz0, oz1, vz0, vz1, wz0, wz1, _sz = _axis(pz, Z, svz, CDT)
     sdf = tl.zeros([BLOCK_R], dtype=CDT)
     feat = tl.zeros([BLOCK_R, BLOCK_F], dtype=CDT)
     for c in tl.static_range(8):
-        if c & 1:
-            xi = x0 + 1
-            wx = fx
-        else:
-            xi = x0
-            wx = 1.0 - fx
-        if (c >> 1) & 1:
-            yi = y0 + 1
-            wy = fy
-        else:
-            yi = y0
-            wy = 1.0 - fy
-        if (c >> 2) & 1:
-            zi = z0 + 1
-            wz = fz
-        else:
-            zi = z0
-            wz = 1.0 - fz
-        ok = mask_r & (xi >= 0) & (xi < X) & (yi >= 0) & (yi < Y) & (zi >= 0) & (zi < Z)
-        off = vb + zi * svz + yi * svy + xi * svx
-        w = wx * wy * wz
+        ok = mask_r & (vx1 if c & 1 else vx0) & (vy1 if c & 2 else vy0) & (vz1 if c & 4 else vz0)
+        off = vb + (ox1 if c & 1 else ox0) + (oy1 if c & 2 else oy0) + (oz1 if c & 4 else oz0)
+        w = (wx1 if c & 1 else wx0) * (wy1 if c & 2 else wy0) * (wz1 if c & 4 else wz0)
         v0 = tl.load(vol_ptr + off, mask=ok, other=0.0).to(CDT)
         fv = tl.load(vol_ptr + off[:, None] + 1 + offs_f[None, :], mask=ok[:, None] & mask_f[None, :],
                      other=0.0).to(CDT)
@@ -104,95 +94,85 @@ def _sample_fwd(vol_ptr, vb, px, py, pz, X, Y, Z, svz, svy, svx, offs_f, mask_r,
 
 
 @triton.jit
-def _sample_bwd(vol_ptr, vb, px, py, pz, gfeat, X, Y, Z, svz, svy, svx, offs_f, mask_r, mask_f,
-                CDT: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Per ray: sdf, e = <gfeat, f>, d sdf / dp (3) and d e / dp (3), p in normalized units."""
-    x0, fx, sx = _axis_setup(px, X, CDT)
-    y0, fy, sy = _axis_setup(py, Y, CDT)
-    z0, fz, sz = _axis_setup(pz, Z, CDT)
-    sdf = tl.zeros([BLOCK_R], dtype=CDT)
+def _sample_bwd(vol_ptr, vb, px, py, pz, gf_ptr, offs_r, X, Y, Z, NF, svz, svy, svx, mask_r,
+                CDT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Per ray: sdf, e = <g_feat, f>, d sdf / dp (3) and d e / dp (3), p in normalized units."""
+    ox0, ox1, vx0, vx1, wx0, wx1, sx = _axis(px, X, svx, CDT)
+    oy0, oy1, vy0, vy1, wy0, wy1, sy = _axis(py, Y, svy, CDT)
+    oz0, oz1, vz0, vz1, wz0, wz1, sz = _axis(pz, Z, svz, CDT)
+    # values at the 8 corners, combined as v = sum w_c v_c; the derivative along x is the same sum
+    # with wx0 -> -1, wx1 -> +1 (likewise y, z); accumulated as bilinear faces to save multiplies
+    v = tl.zeros([BLOCK_R], dtype=CDT)
+    dvx = tl.zeros([BLOCK_R], dtype=CDT)
+    dvy = tl.zeros([BLOCK_R], dtype=CDT)
+    dvz = tl.zeros([BLOCK_R], dtype=CDT)
+    for c in tl.static_range(8):
+        ok = mask_r & (vx1 if c & 1 else vx0) & (vy1 if c & 2 else vy0) & (vz1 if c & 4 else vz0)
+        off = vb + (ox1 if c & 1 else ox0) + (oy1 if c & 2 else oy0) + (oz1 if c & 4 else oz0)
+        val = tl.load(vol_ptr + off, mask=ok, other=0.0).to(CDT)
+        wx = wx1 if c & 1 else wx0
+        wy = wy1 if c & 2 else wy0
+        wz = wz1 if c & 4 else wz0
+        sgx = 1.0 if c & 1 else -1.0
+        sgy = 1.0 if c & 2 else -1.0
+        sgz = 1.0 if c & 4 else -1.0
+        wyz = wy * wz
+        v += wx * wyz * val
+        dvx += sgx * wyz * val
+        dvy += sgy * wx * wz * val
+        dvz += sgz * wx * wy * val
     e = tl.zeros([BLOCK_R], dtype=CDT)
-    dsx = tl.zeros([BLOCK_R], dtype=CDT)
-    dsy = tl.zeros([BLOCK_R], dtype=CDT)
-    dsz = tl.zeros([BLOCK_R], dtype=CDT)
     dex = tl.zeros([BLOCK_R], dtype=CDT)
     dey = tl.zeros([BLOCK_R], dtype=CDT)
     dez = tl.zeros([BLOCK_R], dtype=CDT)
-    for c in tl.static_range(8):
-        if c & 1:
-            xi = x0 + 1
-            wx = fx
-            gx = 1.0
-        else:
-            xi = x0
-            wx = 1.0 - fx
-            gx = -1.0
-        if (c >> 1) & 1:
-            yi = y0 + 1
-            wy = fy
-            gy = 1.0
-        else:
-            yi = y0
-            wy = 1.0 - fy
-            gy = -1.0
-        if (c >> 2) & 1:
-            zi = z0 + 1
-            wz = fz
-            gz = 1.0
-        else:
-            zi = z0
-            wz = 1.0 - fz
-            gz = -1.0
-        ok = mask_r & (xi >= 0) & (xi < X) & (yi >= 0) & (yi < Y) & (zi >= 0) & (zi < Z)
-        off = vb + zi * svz + yi * svy + xi * svx
-        v0 = tl.load(vol_ptr + off, mask=ok, other=0.0).to(CDT)
-        fv = tl.load(vol_ptr + off[:, None] + 1 + offs_f[None, :], mask=ok[:, None] & mask_f[None, :],
-                     other=0.0).to(CDT)
-        dot = tl.sum(fv * gfeat, axis=1)
-        w = wx * wy * wz
-        sdf += w * v0
-        e += w * dot
-        dsx += gx * wy * wz * v0
-        dsy += wx * gy * wz * v0
-        dsz += wx * wy * gz * v0
-        dex += gx * wy * wz * dot
-        dey += wx * gy * wz * dot
-        dez += wx * wy * gz * dot
-    return sdf, e, dsx * sx, dsy * sy, dsz * sz, dex * sx, dey * sy, dez * sz
+    for f0 in range(0, NF, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        mask_f = offs_f < NF
+        gfeat = tl.load(gf_ptr + offs_r[:, None] * NF + offs_f[None, :], mask=mask_r[:, None] & mask_f[None, :],
+                        other=0.0).to(CDT)
+        for c in tl.static_range(8):
+            ok = mask_r & (vx1 if c & 1 else vx0) & (vy1 if c & 2 else vy0) & (vz1 if c & 4 else vz0)
+            off = vb + (ox1 if c & 1 else ox0) + (oy1 if c & 2 else oy0) + (oz1 if c & 4 else oz0)
+            fv = tl.load(vol_ptr + off[:, None] + 1 + offs_f[None, :], mask=ok[:, None] & mask_f[None, :],
+                         other=0.0).to(CDT)
+            dot = tl.sum(fv * gfeat, axis=1)
+            wx = wx1 if c & 1 else wx0
+            wy = wy1 if c & 2 else wy0
+            wz = wz1 if c & 4 else wz0
+            sgx = 1.0 if c & 1 else -1.0
+            sgy = 1.0 if c & 2 else -1.0
+            sgz = 1.0 if c & 4 else -1.0
+            wyz = wy * wz
+            e += wx * wyz * dot
+            dex += sgx * wyz * dot
+            dey += sgy * wx * wz * dot
+            dez += sgz * wx * wy * dot
+    return v, e, dvx * sx, dvy * sy, dvz * sz, dex * sx, dey * sy, dez * sz
 
 
 @triton.jit
-def _scatter_bwd(gvol_ptr, vb, px, py, pz, gsdf, cf, gfeat, X, Y, Z, svz, svy, svx, offs_f, mask_r, mask_f,
-                 CDT: tl.constexpr):
-    """gvol[corners] += trilinear weight * (gsdf, cf * gfeat) with fp32/fp64 atomics."""
-    x0, fx, _sx = _axis_setup(px, X, CDT)
-    y0, fy, _sy = _axis_setup(py, Y, CDT)
-    z0, fz, _sz = _axis_setup(pz, Z, CDT)
+def _scatter_bwd(gvol_ptr, vb, px, py, pz, gsdf, cf, gf_ptr, offs_r, X, Y, Z, NF, svz, svy, svx, mask_r,
+                 CDT: tl.constexpr, BLOCK_F: tl.constexpr):
+    """gvol[corners] += trilinear weight * (gsdf, cf * g_feat), fp32/fp64 atomics."""
+    ox0, ox1, vx0, vx1, wx0, wx1, _sx = _axis(px, X, svx, CDT)
+    oy0, oy1, vy0, vy1, wy0, wy1, _sy = _axis(py, Y, svy, CDT)
+    oz0, oz1, vz0, vz1, wz0, wz1, _sz = _axis(pz, Z, svz, CDT)
     for c in tl.static_range(8):
-        if c & 1:
-            xi = x0 + 1
-            wx = fx
-        else:
-            xi = x0
-            wx = 1.0 - fx
-        if (c >> 1) & 1:
-            yi = y0 + 1
-            wy = fy
-        else:
-            yi = y0
-            wy = 1.0 - fy
-        if (c >> 2) & 1:
-            zi = z0 + 1
-            wz = fz
-        else:
-            zi = z0
-            wz = 1.0 - fz
-        ok = mask_r & (xi >= 0) & (xi < X) & (yi >= 0) & (yi < Y) & (zi >= 0) & (zi < Z)
-        off = vb + zi * svz + yi * svy + xi * svx
-        w = wx * wy * wz
+        ok = mask_r & (vx1 if c & 1 else vx0) & (vy1 if c & 2 else vy0) & (vz1 if c & 4 else vz0)
+        off = vb + (ox1 if c & 1 else ox0) + (oy1 if c & 2 else oy0) + (oz1 if c & 4 else oz0)
+        w = (wx1 if c & 1 else wx0) * (wy1 if c & 2 else wy0) * (wz1 if c & 4 else wz0)
         tl.atomic_add(gvol_ptr + off, w * gsdf, mask=ok)
-        tl.atomic_add(gvol_ptr + off[:, None] + 1 + offs_f[None, :], (w * cf)[:, None] * gfeat,
-                      mask=ok[:, None] & mask_f[None, :])
+    for f0 in range(0, NF, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        mask_f = offs_f < NF
+        gfeat = tl.load(gf_ptr + offs_r[:, None] * NF + offs_f[None, :], mask=mask_r[:, None] & mask_f[None, :],
+                        other=0.0).to(CDT)
+        for c in tl.static_range(8):
+            ok = mask_r & (vx1 if c & 1 else vx0) & (vy1 if c & 2 else vy0) & (vz1 if c & 4 else vz0)
+            off = vb + (ox1 if c & 1 else ox0) + (oy1 if c & 2 else oy0) + (oz1 if c & 4 else oz0)
+            w = (wx1 if c & 1 else wx0) * (wy1 if c & 2 else wy0) * (wz1 if c & 4 else wz0)
+            tl.atomic_add(gvol_ptr + off[:, None] + 1 + offs_f[None, :], (w * cf)[:, None] * gfeat,
+                          mask=ok[:, None] & mask_f[None, :])
 
 
 @triton.jit
@@ -206,11 +186,12 @@ def _sdf_render_fwd_kernel(
         stride_tb, stride_tr, stride_ts,
         BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, CDT: tl.constexpr):
     pid = tl.program_id(0)
+    pid_f = tl.program_id(1)
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < NR
     b = offs_r // R
     rr = offs_r - b * R
-    offs_f = tl.arange(0, BLOCK_F)
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     mask_f = offs_f < NF
     vb = b * stride_vb
     s = tl.load(s_ptr).to(CDT)
@@ -224,11 +205,9 @@ def _sdf_render_fwd_kernel(
     dz = tl.load(dp + 2 * stride_dc, mask=mask_r, other=0.0).to(CDT)
     tp = t_ptr + b * stride_tb + rr * stride_tr
 
-    t_prev = tl.load(tp, mask=mask_r, other=0.0).to(CDT)
-    sdf_prev, f_prev = _sample_fwd(vol_ptr, vb, ox + t_prev * dx, oy + t_prev * dy, oz + t_prev * dz,
-                                   X, Y, Z, stride_vz, stride_vy, stride_vx, offs_f, mask_r, mask_f,
-                                   CDT, BLOCK_R, BLOCK_F)
-    phi_prev = tl.sigmoid(s * sdf_prev)
+    t_prev = tl.zeros([BLOCK_R], dtype=CDT)
+    f_prev = tl.zeros([BLOCK_R, BLOCK_F], dtype=CDT)
+    phi_prev = tl.zeros([BLOCK_R], dtype=CDT)
     trans = tl.full([BLOCK_R], 1.0, CDT)
     t_last = tl.full([BLOCK_R], 1.0, CDT)
     acc_f = tl.zeros([BLOCK_R, BLOCK_F], dtype=CDT)
@@ -236,23 +215,25 @@ def _sdf_render_fwd_kernel(
     acc_o = tl.zeros([BLOCK_R], dtype=CDT)
     nsec = tl.zeros([BLOCK_R], dtype=tl.int32)
     active = mask_r
-    k = 1
+    k = 0
     n_active = tl.sum(active.to(tl.int32), axis=0)
     while (k < S) & (n_active > 0):
+        # point k; for k >= 1 also section k - 1 (points k - 1, k)
         t_cur = tl.load(tp + k * stride_ts, mask=active, other=0.0).to(CDT)
         sdf_cur, f_cur = _sample_fwd(vol_ptr, vb, ox + t_cur * dx, oy + t_cur * dy, oz + t_cur * dz,
                                      X, Y, Z, stride_vz, stride_vy, stride_vx, offs_f, active, mask_f,
                                      CDT, BLOCK_R, BLOCK_F)
         phi_cur = tl.sigmoid(s * sdf_cur)
+        sec = active & ((nsec * 0 + k) > 0)
         raw = (phi_prev - phi_cur + 1e-5) / (phi_prev + 1e-5)
         alpha = tl.where(raw < 0.0, 0.0, tl.where(raw > 1.0, 1.0, raw))
-        w = tl.where(active, trans * alpha, 0.0)
+        w = tl.where(sec, trans * alpha, 0.0)
         acc_f += w[:, None] * (f_prev + f_cur) * 0.5
         acc_d += w * (t_prev + t_cur) * 0.5
         acc_o += w
-        t_last = tl.where(active, trans, t_last)
-        nsec = tl.where(active, k, nsec)
-        trans = tl.where(active, trans * (1.0 - alpha), trans)
+        t_last = tl.where(sec, trans, t_last)
+        nsec = tl.where(sec, k, nsec)
+        trans = tl.where(sec, trans * (1.0 - alpha), trans)
         active = active & (trans >= 1e-4)
         t_prev = t_cur
         f_prev = f_cur
@@ -260,11 +241,13 @@ def _sdf_render_fwd_kernel(
         k += 1
         n_active = tl.sum(active.to(tl.int32), axis=0)
 
-    tl.store(feat_ptr + offs_r[:, None] * NF + offs_f[None, :], acc_f, mask=mask_r[:, None] & mask_f[None, :])
-    tl.store(depth_ptr + offs_r, acc_d, mask=mask_r)
-    tl.store(opac_ptr + offs_r, acc_o, mask=mask_r)
-    tl.store(nsec_ptr + offs_r, nsec, mask=mask_r)
-    tl.store(tlast_ptr + offs_r, t_last, mask=mask_r)
+    tl.store(feat_ptr + offs_r[:, None] * NF + offs_f[None, :], acc_f.to(feat_ptr.dtype.element_ty),
+             mask=mask_r[:, None] & mask_f[None, :])
+    first = mask_r & ((offs_r * 0 + pid_f) == 0)
+    tl.store(depth_ptr + offs_r, acc_d.to(depth_ptr.dtype.element_ty), mask=first)
+    tl.store(opac_ptr + offs_r, acc_o.to(opac_ptr.dtype.element_ty), mask=first)
+    tl.store(nsec_ptr + offs_r, nsec, mask=first)
+    tl.store(tlast_ptr + offs_r, t_last.to(tlast_ptr.dtype.element_ty), mask=first)
 
 
 @triton.jit
@@ -283,8 +266,6 @@ def _sdf_render_bwd_kernel(
     mask_r = offs_r < NR
     b = offs_r // R
     rr = offs_r - b * R
-    offs_f = tl.arange(0, BLOCK_F)
-    mask_f = offs_f < NF
     vb = b * stride_vb
     s = tl.load(s_ptr).to(CDT)
     op = o_ptr + b * stride_ob + rr * stride_or
@@ -299,23 +280,27 @@ def _sdf_render_bwd_kernel(
     gtp = gt_ptr + offs_r * S
     nsec = tl.load(nsec_ptr + offs_r, mask=mask_r, other=0)
     t_last = tl.load(tlast_ptr + offs_r, mask=mask_r, other=1.0).to(CDT)
-    gfeat = tl.load(gfeat_ptr + offs_r[:, None] * NF + offs_f[None, :], mask=mask_r[:, None] & mask_f[None, :],
-                    other=0.0).to(CDT)
     g_d = tl.load(gdepth_ptr + offs_r, mask=mask_r, other=0.0).to(CDT)
     g_o = tl.load(gopac_ptr + offs_r, mask=mask_r, other=0.0).to(CDT)
     maxn = tl.max(nsec, axis=0)
 
-    # the "next" point of the section being processed, starting at the end point of the last section
-    pm = mask_r & (maxn <= nsec)
-    t_nx = tl.load(tp + maxn * stride_ts, mask=pm, other=0.0).to(CDT)
-    sdf_nx, e_nx, dsx_nx, dsy_nx, dsz_nx, dex_nx, dey_nx, dez_nx = _sample_bwd(
-        vol_ptr, vb, ox + t_nx * dx, oy + t_nx * dy, oz + t_nx * dz, gfeat, X, Y, Z,
-        stride_vz, stride_vy, stride_vx, offs_f, pm, mask_f, CDT, BLOCK_R)
-    phi_nx = tl.sigmoid(s * sdf_nx)
-    gsdf_nx = tl.zeros([BLOCK_R], dtype=CDT)   # dL/dsdf of the next point (from the section after it)
-    c_nx = tl.zeros([BLOCK_R], dtype=CDT)      # its total compositing weight (w_{j-1} + w_j) / 2
+    # Back to front over points j = maxn .. 0 (plus one step to finish point 0). Step j samples point j,
+    # back-propagates section j (points j, j + 1) and then finishes point j + 1 ("nx"), whose two
+    # sections are now both done: scatter to the volume and chain to its position.
+    t_nx = tl.zeros([BLOCK_R], dtype=CDT)
+    sdf_nx = tl.zeros([BLOCK_R], dtype=CDT)
+    phi_nx = tl.zeros([BLOCK_R], dtype=CDT)
+    e_nx = tl.zeros([BLOCK_R], dtype=CDT)
+    dsx_nx = tl.zeros([BLOCK_R], dtype=CDT)
+    dsy_nx = tl.zeros([BLOCK_R], dtype=CDT)
+    dsz_nx = tl.zeros([BLOCK_R], dtype=CDT)
+    dex_nx = tl.zeros([BLOCK_R], dtype=CDT)
+    dey_nx = tl.zeros([BLOCK_R], dtype=CDT)
+    dez_nx = tl.zeros([BLOCK_R], dtype=CDT)
+    gsdf_nx = tl.zeros([BLOCK_R], dtype=CDT)   # dL/dsdf of nx from the section after it
+    c_nx = tl.zeros([BLOCK_R], dtype=CDT)      # nx's total compositing weight (w_{j} + w_{j+1}) / 2
     trans = t_last
-    acc_a = tl.zeros([BLOCK_R], dtype=CDT)     # A_i: rendering of sections > i, restarted at T = 1
+    acc_a = tl.zeros([BLOCK_R], dtype=CDT)     # A_j: rendering of the sections after j, restarted at T = 1
     g_s = tl.zeros([BLOCK_R], dtype=CDT)
     gox = tl.zeros([BLOCK_R], dtype=CDT)
     goy = tl.zeros([BLOCK_R], dtype=CDT)
@@ -323,84 +308,65 @@ def _sdf_render_bwd_kernel(
     gdx = tl.zeros([BLOCK_R], dtype=CDT)
     gdy = tl.zeros([BLOCK_R], dtype=CDT)
     gdz = tl.zeros([BLOCK_R], dtype=CDT)
-    for ii in range(0, maxn):
-        i = maxn - 1 - ii
-        pm = mask_r & (i <= nsec)
-        sec = mask_r & (i < nsec)
-        t_i = tl.load(tp + i * stride_ts, mask=pm, other=0.0).to(CDT)
-        sdf_i, e_i, dsx_i, dsy_i, dsz_i, dex_i, dey_i, dez_i = _sample_bwd(
-            vol_ptr, vb, ox + t_i * dx, oy + t_i * dy, oz + t_i * dz, gfeat, X, Y, Z,
-            stride_vz, stride_vy, stride_vx, offs_f, pm, mask_f, CDT, BLOCK_R)
-        phi_i = tl.sigmoid(s * sdf_i)
-        raw = (phi_i - phi_nx + 1e-5) / (phi_i + 1e-5)
+    for jj in range(0, maxn + 2):
+        j = maxn - jj
+        jv = nsec * 0 + j                       # j as a vector (scalar & block masks upset the interpreter)
+        pm = mask_r & (jv >= 0) & (jv <= nsec)
+        sec = mask_r & (jv >= 0) & (jv < nsec)
+        t_j = tl.load(tp + tl.maximum(j, 0) * stride_ts, mask=pm, other=0.0).to(CDT)
+        sdf_j, e_j, dsx_j, dsy_j, dsz_j, dex_j, dey_j, dez_j = _sample_bwd(
+            vol_ptr, vb, ox + t_j * dx, oy + t_j * dy, oz + t_j * dz, gfeat_ptr, offs_r, X, Y, Z, NF,
+            stride_vz, stride_vy, stride_vx, pm, CDT, BLOCK_R, BLOCK_F)
+        phi_j = tl.sigmoid(s * sdf_j)
+        raw = (phi_j - phi_nx + 1e-5) / (phi_j + 1e-5)
         alpha = tl.where(raw < 0.0, 0.0, tl.where(raw > 1.0, 1.0, raw))
         in_range = (raw >= 0.0) & (raw <= 1.0)
-        # T_i = T_{i+1} / (1 - a_i); 1 - a_i >= 1e-4 / T_i > 0 whenever section i + 1 was marched
-        inner = sec & (i < nsec - 1)
+        # T_j = T_{j+1} / (1 - a_j), and 1 - a_j >= 1e-4 / T_j > 0 whenever section j + 1 was marched
+        inner = sec & (j < nsec - 1)
         trans = tl.where(inner, trans / tl.where(inner, 1.0 - alpha, 1.0), tl.where(sec, t_last, trans))
-        u = (e_i + e_nx) * 0.5 + g_d * (t_i + t_nx) * 0.5 + g_o
+        u = (e_j + e_nx) * 0.5 + g_d * (t_j + t_nx) * 0.5 + g_o
         w = tl.where(sec, trans * alpha, 0.0)
         g_alpha = tl.where(sec & in_range, trans * (u - acc_a), 0.0)
         acc_a = tl.where(sec, alpha * u + (1.0 - alpha) * acc_a, acc_a)
-        inv_den = 1.0 / (phi_i + 1e-5)
-        g_phi_i = g_alpha * phi_nx * inv_den * inv_den
+        inv_den = 1.0 / (phi_j + 1e-5)
+        g_phi_j = g_alpha * phi_nx * inv_den * inv_den
         g_phi_nx = -g_alpha * inv_den
-        dsig_i = phi_i * (1.0 - phi_i)
+        dsig_j = phi_j * (1.0 - phi_j)
         dsig_nx = phi_nx * (1.0 - phi_nx)
-        gsdf_i = g_phi_i * dsig_i * s
+        gsdf_j = g_phi_j * dsig_j * s
         gsdf_nx += g_phi_nx * dsig_nx * s
-        g_s += g_phi_i * dsig_i * sdf_i + g_phi_nx * dsig_nx * sdf_nx
-        c_i = w * 0.5
+        g_s += g_phi_j * dsig_j * sdf_j + g_phi_nx * dsig_nx * sdf_nx
+        c_j = w * 0.5
         c_nx += w * 0.5
-        # point i + 1 is complete: scatter to the volume, chain to its position
-        pm_nx = mask_r & (i + 1 <= nsec)
-        px = ox + t_nx * dx
-        py = oy + t_nx * dy
-        pz = oz + t_nx * dz
-        _scatter_bwd(gvol_ptr, vb, px, py, pz, gsdf_nx, c_nx, gfeat, X, Y, Z, stride_vz, stride_vy, stride_vx,
-                     offs_f, pm_nx & ((gsdf_nx != 0.0) | (c_nx != 0.0)), mask_f, CDT)
+        # finish point j + 1
+        pm_nx = mask_r & (j + 1 <= nsec)
+        _scatter_bwd(gvol_ptr, vb, ox + t_nx * dx, oy + t_nx * dy, oz + t_nx * dz, gsdf_nx, c_nx, gfeat_ptr,
+                     offs_r, X, Y, Z, NF, stride_vz, stride_vy, stride_vx,
+                     pm_nx & ((gsdf_nx != 0.0) | (c_nx != 0.0)), CDT, BLOCK_F)
         gpx = gsdf_nx * dsx_nx + c_nx * dex_nx
         gpy = gsdf_nx * dsy_nx + c_nx * dey_nx
         gpz = gsdf_nx * dsz_nx + c_nx * dez_nx
-        gox += gpx
-        goy += gpy
-        goz += gpz
-        gdx += t_nx * gpx
-        gdy += t_nx * gpy
-        gdz += t_nx * gpz
+        gox += tl.where(pm_nx, gpx, 0.0)
+        goy += tl.where(pm_nx, gpy, 0.0)
+        goz += tl.where(pm_nx, gpz, 0.0)
+        gdx += tl.where(pm_nx, t_nx * gpx, 0.0)
+        gdy += tl.where(pm_nx, t_nx * gpy, 0.0)
+        gdz += tl.where(pm_nx, t_nx * gpz, 0.0)
         g_t = c_nx * g_d + gpx * dx + gpy * dy + gpz * dz
-        tl.store(gtp + (i + 1), g_t.to(gt_ptr.dtype.element_ty), mask=pm_nx)
-        # shift
-        t_nx = t_i
-        sdf_nx = sdf_i
-        phi_nx = phi_i
-        e_nx = e_i
-        dsx_nx = dsx_i
-        dsy_nx = dsy_i
-        dsz_nx = dsz_i
-        dex_nx = dex_i
-        dey_nx = dey_i
-        dez_nx = dez_i
-        gsdf_nx = gsdf_i
-        c_nx = c_i
+        tl.store(gtp + (j + 1), g_t.to(gt_ptr.dtype.element_ty), mask=pm_nx)
+        t_nx = t_j
+        sdf_nx = sdf_j
+        phi_nx = phi_j
+        e_nx = e_j
+        dsx_nx = dsx_j
+        dsy_nx = dsy_j
+        dsz_nx = dsz_j
+        dex_nx = dex_j
+        dey_nx = dey_j
+        dez_nx = dez_j
+        gsdf_nx = gsdf_j
+        c_nx = c_j
 
-    # point 0
-    px = ox + t_nx * dx
-    py = oy + t_nx * dy
-    pz = oz + t_nx * dz
-    _scatter_bwd(gvol_ptr, vb, px, py, pz, gsdf_nx, c_nx, gfeat, X, Y, Z, stride_vz, stride_vy, stride_vx,
-                 offs_f, mask_r & ((gsdf_nx != 0.0) | (c_nx != 0.0)), mask_f, CDT)
-    gpx = gsdf_nx * dsx_nx + c_nx * dex_nx
-    gpy = gsdf_nx * dsy_nx + c_nx * dey_nx
-    gpz = gsdf_nx * dsz_nx + c_nx * dez_nx
-    gox += gpx
-    goy += gpy
-    goz += gpz
-    gdx += t_nx * gpx
-    gdy += t_nx * gpy
-    gdz += t_nx * gpz
-    g_t = c_nx * g_d + gpx * dx + gpy * dy + gpz * dz
-    tl.store(gtp, g_t.to(gt_ptr.dtype.element_ty), mask=mask_r)
     ety = go_ptr.dtype.element_ty
     tl.store(go_ptr + offs_r * 3, gox.to(ety), mask=mask_r)
     tl.store(go_ptr + offs_r * 3 + 1, goy.to(ety), mask=mask_r)
@@ -467,10 +433,14 @@ def render_sdf_ref(volume: torch.Tensor, origins: torch.Tensor, dirs: torch.Tens
     alpha = ((phi[..., :-1] - phi[..., 1:] + EPS_ALPHA) / (phi[..., :-1] + EPS_ALPHA)).clamp(0.0, 1.0)
     trans = torch.cumprod(1.0 - alpha, dim=-1)
     trans = torch.cat([torch.ones_like(trans[..., :1]), trans[..., :-1]], dim=-1)  # exclusive: T_i
-    keep = (trans >= T_STOP).detach()
-    w = torch.where(keep, trans * alpha, torch.zeros_like(alpha))                  # (B, R, S-1)
-    features = (w[..., None] * (feat[:, :, :-1] + feat[:, :, 1:]) * 0.5).sum(2)
-    depth = (w * (t[..., :-1] + t[..., 1:]) * 0.5).sum(-1)
+    keep = (trans >= T_STOP).detach()                                             # sections marched
+    zero = torch.zeros((), dtype=dt, device=alpha.device)
+    w = torch.where(keep, trans * alpha, zero)                                     # (B, R, S-1)
+    # sections past the stop are never read (so NaN/Inf there cannot leak in through 0 * inf)
+    f_mid = torch.where(keep[..., None], (feat[:, :, :-1] + feat[:, :, 1:]) * 0.5, zero)
+    t_mid = torch.where(keep, (t[..., :-1] + t[..., 1:]) * 0.5, zero)
+    features = (w[..., None] * f_mid).sum(2)
+    depth = (w * t_mid).sum(-1)
     opacity = w.sum(-1)
     return features, depth, opacity
 
@@ -535,12 +505,13 @@ def _tl_dtype(dt):
     return tl.float64 if dt == torch.float64 else tl.float32
 
 
-def _pick_blocks(nf: int):
-    """(BLOCK_R, BLOCK_F, num_warps). GPU: ~2048-element feature tiles; interpreter: big ray blocks."""
-    block_f = max(16, next_pow2(nf))
-    if interpreting():
-        return 128, block_f, 4
-    return max(8, min(64, 2048 // block_f)), block_f, 4
+BLOCK_F = 32   # feature chunk: MIM4D's 32 features are one chunk
+
+
+def _pick_blocks():
+    """(BLOCK_R, BLOCK_F, num_warps): one GPU configuration (32 rays x 32 channels); the interpreter
+    (~0.4 ms per program) gets bigger ray blocks."""
+    return (128 if interpreting() else 32), BLOCK_F, 4
 
 
 def _prep(volume, origins, dirs, t_vals, inv_s):
@@ -563,8 +534,8 @@ def _render_sdf_fwd(volume, origins, dirs, t_vals, inv_s):
     tlast = torch.empty(B, R, dtype=cdt, device=dev)
     nr = B * R
     if nr > 0:
-        BR, BF, nw = _pick_blocks(nf)
-        _sdf_render_fwd_kernel[(triton.cdiv(nr, BR),)](
+        BR, BF, nw = _pick_blocks()
+        _sdf_render_fwd_kernel[(triton.cdiv(nr, BR), max(1, triton.cdiv(nf, BF)))](
             vol, origins, dirs, t_vals, s, feat, depth, opac, nsec, tlast,
             nr, R, S, X, Y, Z, nf,
             vol.stride(0), vol.stride(1), vol.stride(2), vol.stride(3),
@@ -589,7 +560,7 @@ def _render_sdf_bwd(g_feat, g_depth, g_opac, volume, origins, dirs, t_vals, inv_
     nr = B * R
     if nr > 0:
         g_feat = g_feat.contiguous() if nf > 0 else torch.zeros(B, R, 1, dtype=cdt, device=dev)
-        BR, BF, nw = _pick_blocks(nf)
+        BR, BF, nw = _pick_blocks()
         _sdf_render_bwd_kernel[(triton.cdiv(nr, BR),)](
             vol, origins, dirs, t_vals, s, nsec.contiguous(), tlast.contiguous(),
             g_feat, g_depth.contiguous(), g_opac.contiguous(),
