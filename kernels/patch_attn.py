@@ -123,10 +123,12 @@ def _patch_attn_fwd_kernel(
             acc = acc * alpha[:, None] + tl.dot(pv, v, out_dtype=ACC)
         m_i = m_new
 
-    has = l_i > 0.0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    out = tl.where(has[:, None], out, 0.0)
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("inf"))  # +inf: P == 0 in backward
+    # l >= 1 for a row with any allowed key (its max term is exp2(0)); l == 0 only for empty rows.
+    # (Not `l > 0`: a NaN input must give NaN, not a silent zero row.)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out = tl.where(empty[:, None], 0.0, out)
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # +inf: P == 0 in backward
     o_base = pid_bh * N * D
     tl.store(O + o_base + offs_m[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=m_in[:, None] & d_in[None, :])
@@ -213,7 +215,7 @@ def _patch_attn_bwd_dkdv_kernel(
             ok = (seg_k[:, None] == seg_q[None, :]) & (seg_q[None, :] >= 0)
         else:
             ok = n_in[:, None] & m_in[None, :]
-        pt = tl.where(ok, tl.exp2(st * qk_scale - lse[None, :]), 0.0)  # P^T, zero where masked
+        pt = tl.exp2(tl.where(ok, st * qk_scale - lse[None, :], float("-inf")))  # P^T, exactly 0 where masked
         ptc = pt.to(DO.dtype.element_ty)
         if UPCAST:
             ptc = ptc.to(tl.float32)
@@ -300,7 +302,7 @@ def _patch_attn_bwd_dq_kernel(
             ok = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] >= 0)
         else:
             ok = m_in[:, None] & n_in[None, :]
-        p = tl.where(ok, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        p = tl.exp2(tl.where(ok, s * qk_scale - lse[:, None], float("-inf")))
         ds = p * (dp - delta[:, None])
         dsc = ds.to(K.dtype.element_ty)
         if UPCAST:
@@ -351,9 +353,12 @@ def _head_block(D: int) -> int:
     return max(16, next_pow2(D))
 
 
-def _fwd_config(block_d: int, dtype: torch.dtype):
+def _fwd_config(block_d: int, dtype: torch.dtype, interp: bool = False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward, by head-dim bucket and element size.
-    Chosen so every bucket fits sm_80's shared memory (checked by the AOT tests)."""
+    Chosen so every bucket fits sm_80's shared memory (checked by the AOT tests). Under the
+    interpreter, where each op costs the same whatever its size, fewer and larger blocks are used."""
+    if interp:
+        return (128, 128, 4, 1)
     wide = dtype in (torch.float32, torch.float64)
     if block_d <= 64:
         cfg = (64, 64, 4, 3) if wide else (128, 64, 4, 3)
@@ -364,8 +369,11 @@ def _fwd_config(block_d: int, dtype: torch.dtype):
     return cfg
 
 
-def _bwd_config(block_d: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) shared by the dK/dV and dQ kernels."""
+def _bwd_config(block_d: int, dtype: torch.dtype, interp: bool = False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) shared by the dK/dV and dQ kernels.
+    Interpreted: unequal blocks on purpose, so key->query and query->key ranges differ."""
+    if interp:
+        return (64, 128, 4, 1)
     wide = dtype in (torch.float32, torch.float64)
     if block_d <= 64:
         cfg = (32, 64, 4, 2) if wide else (64, 64, 4, 2)
@@ -433,7 +441,7 @@ def _patch_attn_fwd(q, k, v, segment_ids, scale):
         return out, lse
     check_index_range("q", B * H * N * max(D, 1), 2**62)
     block_d = _head_block(D)
-    BM, BN, warps, stages = _fwd_config(block_d, q.dtype)
+    BM, BN, warps, stages = _fwd_config(block_d, q.dtype, interpreting())
     nm = triton.cdiv(N, BM)
     has_seg = segment_ids is not None
     if has_seg:
@@ -467,7 +475,7 @@ def _patch_attn_bwd(do, q, k, v, out, lse, segment_ids, scale):
     delta = torch.empty((B, H, N), dtype=_lse_dtype(q.dtype), device=q.device)
     _patch_attn_bwd_preprocess_kernel[(nm0 * B * H,)](
         out, do, delta, N, D, nm0, *_strides4(do), H, BLOCK_M=BM0, BLOCK_D=block_d, ACC=acc)
-    BM, BN, warps, stages = _bwd_config(block_d, q.dtype)
+    BM, BN, warps, stages = _bwd_config(block_d, q.dtype, interpreting())
     has_seg = segment_ids is not None
     nm, nn = triton.cdiv(N, BM), triton.cdiv(N, BN)
     if has_seg:
