@@ -9,10 +9,10 @@ M feature maps at P learned points per map:
     loc = (x, y) in [0, 1]  ->  pixel coordinate (x * W_m - 0.5, y * H_m - 0.5)
 
 Bilinear sampling follows ``F.grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False)``:
-pixel (i, j) has its centre at (j + 0.5, i + 0.5) in units of pixels, so loc 0 / 1 are the outer map
-edges, and each of the 4 corners that falls outside the map contributes zero (points off the map are
-legal and common: anchors that project outside an image). This is exactly the standard MSDA interface
-(Deformable-DETR / mmcv ``MultiScaleDeformableAttention``), without ``im2col_step``.
+in units of loc * (W_m, H_m), pixel (i, j) has its centre at (j + 0.5, i + 0.5), so loc 0 and 1 are the
+outer edges of the map; each of the 4 corners that falls outside the map contributes zero (points off
+the map are legal and common: anchors that project outside an image). This is exactly the standard
+MSDA interface (Deformable-DETR / mmcv ``MultiScaleDeformableAttention``), without ``im2col_step``.
 
 Layouts
     value               (B, S, H, D)   S = sum_m H_m * W_m, the M maps flattened row-major, concatenated
@@ -40,14 +40,16 @@ makes that sample contribute exactly zero, with zero gradient; no memory is ever
 of bounds (corner loads/atomics are masked). NaN/Inf in ``value`` or ``attention_weights`` propagate
 like in any weighted sum (note 0 * Inf = NaN).
 
-Limits / dtypes: value, sampling_locations and attention_weights may each be fp32, bf16, fp16 (or
-fp64, for gradcheck); all arithmetic accumulates in fp32 (fp64 if any input is fp64); grad_value is
-accumulated with fp32 atomics and cast to value's dtype (so the GPU backward is deterministic only up
-to atomics' rounding). The Triton kernel takes head dim D in 1..256 (padded to a power-of-two block
-with masks), any M >= 1 and P >= 1, offsets in int64 (no 2**31 limit on tensor sizes); one flat
-grid of B*H*ceil(Q/BLOCK_Q) programs. spatial_shapes / level_start_index are checked on the host
-against each other and S (one small device->host copy per call). The reference (CPU path) has no limit on D and computes in value's dtype (locations and weights are
-cast to it).
+Limits / dtypes: value, sampling_locations and attention_weights may each be fp32, bf16 or fp16 (or
+fp64, for gradcheck); arithmetic accumulates in fp32 (fp64 if any input is fp64). The output and
+grad_value take value's dtype, grad_loc / grad_weights their input's dtype. grad_value is accumulated
+with fp32 atomics into a (B, S, H, D) fp32 buffer, then cast, so the GPU backward is deterministic only
+up to the atomics' summation order. The Triton kernel takes head dim D in 1..256 (padded to a
+power-of-two block with masks; ValueError above), any M >= 1 and P >= 1, and computes offsets in int64.
+Grid: one flat axis of B * H * ceil(Q / BLOCK_Q) programs. spatial_shapes / level_start_index are
+checked against each other and S on the host (a small device->host copy per call, so the op is not
+CUDA-graph capturable). The reference (CPU path) has no limit on D and computes in value's dtype
+(locations and weights are cast to it); use fp32 locations for large maps (bf16 has 8 mantissa bits).
 """
 from __future__ import annotations
 
@@ -56,8 +58,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._common import (FLOAT_DTYPES, check_index_range, check_same_device, check_tensor, interpreting, next_pow2,
-                             use_triton)
+from kernels._common import (FLOAT_DTYPES, check_index_range, check_same_device, check_tensor, interpreting,
+                             next_pow2, use_triton)
 
 MAX_D = 256
 
@@ -320,9 +322,12 @@ def _deform_attn_bwd(grad_out, value, spatial_shapes, level_start_index, samplin
     acc_t = _acc_dtype(value, sampling_locations, attention_weights)
     gv_acc = torch.zeros(B, S, H, D, device=value.device,
                          dtype=torch.float64 if acc_t == tl.float64 else torch.float32)
-    gloc = torch.zeros(sampling_locations.shape, device=value.device, dtype=sampling_locations.dtype)
-    gattw = torch.zeros(attention_weights.shape, device=value.device, dtype=attention_weights.dtype)
-    if grad_out.numel() and value.numel():
+    # every (b, q, h, m, p) entry is written exactly once by the kernel (zeros only matter when empty)
+    launch = grad_out.numel() > 0 and value.numel() > 0
+    new = torch.empty if launch else torch.zeros
+    gloc = new(sampling_locations.shape, device=value.device, dtype=sampling_locations.dtype)
+    gattw = new(attention_weights.shape, device=value.device, dtype=attention_weights.dtype)
+    if launch:
         shapes, starts = _prep_meta(spatial_shapes, level_start_index, value.device)
         loc = sampling_locations.contiguous()
         attw = attention_weights.contiguous()
