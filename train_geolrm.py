@@ -35,19 +35,19 @@ class TrainConfig:
     run_dir: str = "runs/geolrm"
     stage: str = "all"              # proposal | recon | all
     data: str = ""                  # GObjaverse-layout folder; empty -> procedural objects
-    num_train: int = 48             # training objects (procedural), split over ranks
-    num_eval: int = 6               # held-out objects
+    num_train: int = 96             # training objects (procedural), split over ranks
+    num_eval: int = 8               # held-out objects
     views_per_object: int = 8
     eval_views: int = 12            # held-out objects: up to 8 inputs + 4 novel views
     novel_views: int = 4
     res: int = 32                   # rendered/target resolution (inputs are resized to model.img_size)
     min_inputs: int = 1
     max_inputs: int = 4             # paper: 1-7
-    num_targets: int = 3            # target views per object and step (some inputs + other views)
+    num_targets: int = 4            # target views per object and step (some inputs + other views)
     batch_size: int = 1             # objects per rank and step
     grad_accum: int = 1
-    prop_steps: int = 300
-    recon_steps: int = 400
+    prop_steps: int = 400
+    recon_steps: int = 500
     prop_lr: float = 1e-3
     recon_lr: float = 1e-3
     warmup: int = 30
@@ -96,6 +96,8 @@ def load_objects(tc: TrainConfig, mc: GeoLRMConfig, split: str, n: int, views: i
         objs = []
         for i in range(rank, len(dirs), world):
             r = read_gobjaverse_object(dirs[i])
+            if r["depths"] is None:
+                raise ValueError(f"{dirs[i]}: GeoLRM training needs depth maps (<view>_depth.npy/.png or _nd.exr)")
             s = tc.res / r["images"].shape[-1]
             rs = lambda x: F.interpolate(x, size=(tc.res, tc.res), mode="area")  # noqa: E731
             K = r["K"].clone()
@@ -159,6 +161,7 @@ def evaluate(model, objs, tc: TrainConfig, stage: str, lpips_fn, n_inputs=None, 
     n_in = n_inputs or tc.eval_inputs
     dev = next(model.parameters()).device
     sums = torch.zeros(8, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)                                         # same anchor subsets every eval
     rows = []
     for o in objs:
         x = {k: v[None].to(dev) for k, v in o.items()}
@@ -171,7 +174,7 @@ def evaluate(model, objs, tc: TrainConfig, stage: str, lpips_fn, n_inputs=None, 
             continue
         tv = slice(-tc.novel_views, None)
         anchors = (model.gt_anchors(x["occupancy"]) if tc.anchors == "gt" else
-                   model.propose_anchors(img, c2w, K))
+                   model.propose_anchors(img, c2w, K, generator=gen))
         g = model.recon(*anchors, img, c2w, K)
         T = tc.novel_views
         out = render(g, x["c2w"][:, tv], x["K"][:, tv], tc.res, tc.res, background=torch.ones(1, T, 3, device=dev))
@@ -190,7 +193,7 @@ def evaluate(model, objs, tc: TrainConfig, stage: str, lpips_fn, n_inputs=None, 
         dist.all_reduce(sums)
     model.train(was)
     if preview is not None and U.is_main() and rows:
-        U.save_image_grid(preview, rows)
+        U.save_image_grid(preview, [upscale(r) for r in rows])
     n, nv = max(sums[1].item(), 1), max(sums[1].item() * tc.novel_views, 1)
     res = {"occ_iou": sums[0].item() / n}
     if stage != "proposal":
@@ -199,6 +202,12 @@ def evaluate(model, objs, tc: TrainConfig, stage: str, lpips_fn, n_inputs=None, 
         if lpips_fn is not None:
             res.update(lpips=sums[4].item() / nv, base_lpips=sums[7].item() / nv)
     return res
+
+
+def upscale(images, min_size: int = 96):
+    """Nearest-neighbour enlargement of tiny renders for viewing."""
+    f = max(1, math.ceil(min_size / images.shape[-1]))
+    return F.interpolate(images.float().cpu(), scale_factor=f, mode="nearest") if f > 1 else images
 
 
 @torch.no_grad()
@@ -228,7 +237,7 @@ def turntable(g: dict, K, res: int, n: int, distance: float, elevation_deg: floa
 
 def export(g: dict, path: str, K, res: int, n: int, distance: float) -> tuple:
     m = save_ply(path, g["means"], g["quats"], g["scales"], g["opacities"], g["rgb"])
-    strip = U.save_image_grid(path.replace(".ply", "_turntable.png"), [turntable(g, K, res, n, distance)])
+    strip = U.save_image_grid(path.replace(".ply", "_turntable.png"), [upscale(turntable(g, K, res, n, distance))])
     return m, strip
 
 

@@ -234,7 +234,7 @@ class ImageEncoder(nn.Module):
         x = (images.flatten(0, 1) - self.mean) / self.std                             # (BV, 3, Hi, Wi)
         tok = self.patch_embed(x)                                                     # (BV, E, h, w)
         h, w = tok.shape[-2:]
-        tok = torch.cat([self.cls_token.expand(B * V, -1, -1), tok.flatten(2).transpose(1, 2)], 1)
+        tok = torch.cat([self.cls_token.view(-1).expand(B * V, 1, -1), tok.flatten(2).transpose(1, 2)], 1)
         tok = tok + self.pos_embed_for(h, w)                                          # (BV, 1 + hw, E)
         for blk in self.blocks:
             tok = blk(tok)
@@ -321,14 +321,15 @@ class DeformCrossAttention(nn.Module):
         # x (B, N, C); ref (B, V, N, 2) in [0,1]; visible (B, V, N); feats (B*V, S, F)
         B, N, C = x.shape
         V = ref.shape[1]
-        value = self.value_proj(feats).view(B * V, -1, self.h, C // self.h)          # (BV, S, H, D)
-        wh = shapes.flip(-1).to(x.dtype)                                              # (L, 2) level (W, H)
-        off = self.offsets(x).view(B, 1, N, self.h, self.l, self.p, 2) / wh[:, None]
-        loc = ref[:, :, :, None, None, None, :].to(x.dtype) + off                     # (B, V, N, H, L, P, 2)
-        attn = self.weights(x).view(B, N, self.h, -1).softmax(-1).view(B, 1, N, self.h, self.l, self.p)
+        # sampling runs in fp32 (as the official mmcv op): bf16 locations would be off by ~1/256 of the map
+        value = self.value_proj(feats).float().view(B * V, -1, self.h, C // self.h)  # (BV, S, H, D)
+        wh = shapes.flip(-1).float()                                                  # (L, 2) level (W, H)
+        off = self.offsets(x).float().view(B, 1, N, self.h, self.l, self.p, 2) / wh[:, None]
+        loc = ref[:, :, :, None, None, None, :].float() + off                         # (B, V, N, H, L, P, 2)
+        attn = self.weights(x).float().view(B, N, self.h, -1).softmax(-1).view(B, 1, N, self.h, self.l, self.p)
         out = kernels.deform_attn(value, shapes, starts, loc.flatten(0, 1),
                                   attn.expand(B, V, -1, -1, -1, -1).flatten(0, 1).contiguous())
-        out = out.view(B, V, N, C)
+        out = out.view(B, V, N, C).to(x.dtype)
         logit = self.view_logit(out).squeeze(-1).float().masked_fill(~visible, -1e4)  # (B, V, N)
         w = (logit.softmax(1) * visible).to(out.dtype)
         return self.out_proj((w[..., None] * out).sum(1))                            # (B, N, C)
