@@ -19,7 +19,10 @@ colors (B,N,C) any C ≥ 1, viewmats (B,V,4,4) world→camera OpenCV, Ks (B,V,3,
 (B,V,C) or None (zeros). Outputs: colors (B,V,H,W,C), alphas (B,V,H,W,1), depths (B,V,H,W,1).
 Differentiable w.r.t. means, quats, scales, opacities, colors, background (all three outputs, depth
 included → means). viewmats and Ks get no gradient on the kernel path (the reference gives them one).
-Dtypes: fp64 inputs compute in fp64 (for gradcheck); everything else is computed and returned in fp32.
+Dtypes: if means is fp64 everything is computed and returned in fp64 (for gradcheck); otherwise in fp32
+(fp16/bf16 inputs are upcast). Notes: near-plane culling uses the centre depth only; opacities are not
+range-checked (o < 1/255 never contributes, o > 1 is clamped through α ≤ 0.99); culled Gaussians get zero
+gradients; the kernel backward uses atomics, so gradients are reproducible only up to fp32 rounding.
 
 Kernels (CUDA, or the interpreter with NANO4D_FORCE_TRITON=1): projection fwd/bwd (one program per
 block of Gaussians of one view); binning in torch (intersection emission with repeat_interleave, one
@@ -28,7 +31,9 @@ rasterization fwd (one program per (tile, scene·view, channel block), chunks of
 pixels, transmittance by a log-space cumsum, colours by tl.dot, early exit when every pixel is done) and
 bwd (back to front from the saved final T and last-contributor count; per-Gaussian gradients reduced
 over the tile, then fp32/fp64 atomics). Limits: intersections and B·V·tiles < 2³¹ (checked, ValueError).
-CPU tensors use the reference (limits in its docstring).
+CPU tensors use the reference ``rasterize_gaussians_ref`` (kernels/_splat_ref.py): by default its exact
+pair-pruned form (cost O(contributing pixel-Gaussian pairs)); ``dense=True`` gives the literal
+every-pixel × every-Gaussian oracle. Limits and CPU timings in that file's docstring.
 """
 from __future__ import annotations
 

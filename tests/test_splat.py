@@ -209,14 +209,15 @@ def test_pair_reference_equals_dense_reference():
 
 @given(B=st.integers(1, 2), V=st.integers(1, 3), N=st.integers(1, 120), C=st.sampled_from([1, 3, 4, 17]),
        W=st.integers(5, 33), H=st.integers(5, 30), seed=st.integers(0, 10_000))
-@settings(max_examples=5)
+@settings(max_examples=4)
 def test_kernel_matches_reference(B, V, N, C, W, H, seed):
     if W % 16 == 0:
         W += 1
     raw = make_scene(B, V, N, C, W, H, seed=seed, scale=0.06 + 0.1 * (seed % 3))
     # fp64: kernel and reference agree to rounding (no threshold flips at this precision)
     s64 = _cast(raw, torch.float64, grad=True)
-    out64, ref64 = _render(kernels.rasterize_gaussians, s64, W, H), _ref(s64, W, H)
+    out64 = _render(kernels.rasterize_gaussians, s64, W, H)
+    ref64 = _render(kernels.rasterize_gaussians_ref, s64, W, H, dense=True)    # the literal dense oracle
     for o, r, nm in zip(out64, ref64, ("colors", "alphas", "depths")):
         assert o.shape == r.shape and o.dtype == torch.float64
         assert (o.cpu() - r.cpu()).abs().max() <= 1e-9 * (1 + r.abs().max()), err_report(nm, o.cpu(), r.cpu())
