@@ -124,10 +124,18 @@ def gsplat_impl():
     except Exception:  # noqa: BLE001 - optional baseline
         return None
 
+    bg_with_depth = [True]   # whether gsplat wants a background channel for the depth output too
+
     def fn(means, quats, scales, opac, colors, vm, K, W, H, bg):
-        out, alpha, _ = rasterization(means, quats, scales, opac, colors, vm, K, W, H, near_plane=0.01,
-                                      far_plane=1e10, eps2d=0.3, render_mode="RGB+D", packed=False,
-                                      backgrounds=torch.cat([bg, torch.zeros_like(bg[..., :1])], -1))
+        kw = dict(near_plane=0.01, far_plane=1e10, eps2d=0.3, render_mode="RGB+D", packed=False)
+        if bg_with_depth[0]:
+            try:
+                out, alpha, _ = rasterization(means, quats, scales, opac, colors, vm, K, W, H,
+                                              backgrounds=torch.cat([bg, torch.zeros_like(bg[..., :1])], -1), **kw)
+                return out[..., :-1], alpha, out[..., -1:]
+            except (RuntimeError, ValueError, AssertionError):
+                bg_with_depth[0] = False
+        out, alpha, _ = rasterization(means, quats, scales, opac, colors, vm, K, W, H, backgrounds=bg, **kw)
         return out[..., :-1], alpha, out[..., -1:]
     return fn
 

@@ -563,6 +563,21 @@ def test_aot_compile_rasterize_all_blocks(bwd):
             _aot(S._splat_raster_fwd_kernel, _RAST_FWD_SIG, dict(TILE=16, G=16, CB=cb))
 
 
+@pytest.mark.slow
+def test_aot_compile_fp64():
+    """fp64 inputs (gradcheck on a GPU) compile too: ACC=fp64, fp64 pointers, fp64 tl.dot."""
+    from tests.aot import aot_compile
+    import triton.language as tl
+
+    def f64(sig):
+        return {k: {"*fp32": "*fp64", "fp32": "fp64"}.get(v, v) for k, v in sig.items()}
+    for kern, sig, const in [(S._splat_project_fwd_kernel, _PROJ_FWD_SIG, dict(BLOCK=256)),
+                             (S._splat_project_bwd_kernel, _PROJ_BWD_SIG, dict(BLOCK=256)),
+                             (S._splat_raster_fwd_kernel, _RAST_FWD_SIG, dict(TILE=16, G=16, CB=16)),
+                             (S._splat_raster_bwd_kernel, _RAST_BWD_SIG, dict(TILE=16, G=16, CB=16))]:
+        aot_compile(kern, f64(sig), dict(const, ACC=tl.float64))
+
+
 # ----------------------------------------------------------------------------- GPU (real sizes)
 
 
