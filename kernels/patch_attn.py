@@ -20,9 +20,8 @@ with log2(e) folded into the scale), accumulates in fp32 and saves the log-sum-e
 The backward recomputes P from the LSE: a preprocess kernel forms delta = rowsum(dO * O), one kernel
 per key block accumulates dK, dV over query blocks, one kernel per query block accumulates dQ over key
 blocks (no atomics: the backward is deterministic). No N x N matrix is ever stored.
-Block skipping: a tiny pre-pass (a few torch reductions on the ids) gives each block its min/max
-non-negative id; a query block visits only the key-block range [lo, hi) whose id ranges can meet its
-own. With contiguous segments that range is tight (frame-wise over V views costs ~1/V of global);
+Block skipping: a tiny pre-pass kernel gives each block its min/max non-negative id; a query block
+visits only the key-block range [lo, hi) whose id ranges can meet its own. With contiguous segments that range is tight (frame-wise over V views costs ~1/V of global);
 with interleaved ids the range is wider but the per-element mask keeps the result exact.
 
 Limits: fp32, bf16, fp16 (fp32 accumulation), fp64 (fp64 accumulation; a verification dtype,
@@ -48,6 +47,35 @@ _DOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
+
+@triton.jit
+def _patch_attn_ranges_kernel(SEG, RANGE, N, n_rblocks, n_cblocks, stride_sb, stride_sn,
+                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK: tl.constexpr):
+    """Block-skipping pre-pass. One program per (b, row block): the range [lo, hi) of column blocks
+    whose non-negative id range [min, max] meets the row block's (empty range: lo == hi)."""
+    pid = tl.program_id(0).to(tl.int64)
+    r = pid % n_rblocks
+    b = pid // n_rblocks
+    SEG += b * stride_sb
+    offs = r * BLOCK_R + tl.arange(0, BLOCK_R)
+    ids = tl.load(SEG + offs * stride_sn, mask=offs < N, other=-1)
+    rmin = tl.min(tl.where(ids >= 0, ids, 2147483647), 0)
+    rmax = tl.max(tl.where(ids >= 0, ids, -1), 0)
+    lo = tl.zeros([], dtype=tl.int32) + n_cblocks
+    hi = tl.zeros([], dtype=tl.int32)
+    for c0 in range(0, n_cblocks, CHUNK):
+        cblk = c0 + tl.arange(0, CHUNK)
+        offs_c = cblk[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+        cid = tl.load(SEG + offs_c * stride_sn, mask=offs_c < N, other=-1)
+        cmin = tl.min(tl.where(cid >= 0, cid, 2147483647), 1)
+        cmax = tl.max(tl.where(cid >= 0, cid, -1), 1)
+        meet = (cmin <= rmax) & (cmax >= rmin) & (cblk < n_cblocks)
+        lo = tl.minimum(lo, tl.min(tl.where(meet, cblk, n_cblocks), 0))
+        hi = tl.maximum(hi, tl.max(tl.where(meet, cblk + 1, 0), 0))
+    lo = tl.minimum(lo, hi)
+    tl.store(RANGE + pid * 2, lo)
+    tl.store(RANGE + pid * 2 + 1, hi)
+
 
 @triton.jit
 def _patch_attn_fwd_kernel(
@@ -359,7 +387,9 @@ def _fwd_config(block_d: int, dtype: torch.dtype, interp: bool = False):
     interpreter, where each op costs the same whatever its size, fewer and larger blocks are used."""
     if interp:
         return (128, 128, 4, 1)
-    wide = dtype in (torch.float32, torch.float64)
+    if dtype == torch.float64:  # verification dtype: small tiles, fits sm_80 at every head dim
+        return (32, 32, 4, 1) if block_d <= 64 else (16, 16, 4, 1)
+    wide = dtype == torch.float32
     if block_d <= 64:
         cfg = (64, 64, 4, 3) if wide else (128, 64, 4, 3)
     elif block_d == 128:
@@ -374,7 +404,9 @@ def _bwd_config(block_d: int, dtype: torch.dtype, interp: bool = False):
     Interpreted: unequal blocks on purpose, so key->query and query->key ranges differ."""
     if interp:
         return (64, 128, 4, 1)
-    wide = dtype in (torch.float32, torch.float64)
+    if dtype == torch.float64:
+        return (32, 32, 4, 1) if block_d <= 64 else (16, 16, 4, 1)
+    wide = dtype == torch.float32
     if block_d <= 64:
         cfg = (32, 64, 4, 2) if wide else (64, 64, 4, 2)
     elif block_d == 128:
@@ -384,34 +416,22 @@ def _bwd_config(block_d: int, dtype: torch.dtype, interp: bool = False):
     return cfg
 
 
-def _block_minmax(seg: torch.Tensor, block: int):
-    """Per block of ``block`` tokens: (min, max) of the non-negative ids; (INT_MAX, -1) if none."""
-    B, N = seg.shape
-    nb = triton.cdiv(N, block)
-    s = torch.full((B, nb * block), -1, dtype=torch.int32, device=seg.device)
-    s[:, :N] = seg
-    s = s.view(B, nb, block)
-    valid = s >= 0
-    big = torch.iinfo(torch.int32).max
-    return torch.where(valid, s, big).amin(-1), torch.where(valid, s, -1).amax(-1)
-
-
 def _block_ranges(seg: torch.Tensor, block_rows: int, block_cols: int) -> torch.Tensor:
     """(B, n_row_blocks, 2) int32 [lo, hi): the column blocks whose id range can meet each row block's.
 
     The relation is symmetric, so this serves query->key (forward, dQ) and key->query (dK/dV).
     Every block in [lo, hi) is visited; blocks inside that do not meet are masked per element, so
-    non-contiguous ids stay exact and contiguous ids get a tight range.
+    non-contiguous ids stay exact and contiguous ids get a tight range. One launch, O(N^2 / block) int
+    loads (tiny next to the attention).
     """
-    rmin, rmax = _block_minmax(seg, block_rows)
-    cmin, cmax = _block_minmax(seg, block_cols)
-    meet = (cmin[:, None, :] <= rmax[:, :, None]) & (cmax[:, None, :] >= rmin[:, :, None])
-    nc = meet.shape[-1]
-    idx = torch.arange(nc, device=seg.device, dtype=torch.int32)
-    lo = torch.where(meet, idx, nc).amin(-1)
-    hi = torch.where(meet, idx + 1, 0).amax(-1)
-    lo = torch.minimum(lo, hi)
-    return torch.stack([lo, hi], dim=-1).to(torch.int32).contiguous()
+    B, N = seg.shape
+    nr, nc = triton.cdiv(N, block_rows), triton.cdiv(N, block_cols)
+    rng = torch.empty((B, nr, 2), dtype=torch.int32, device=seg.device)
+    if rng.numel():
+        chunk = max(1, min(next_pow2(nc), 4096 // block_cols))
+        _patch_attn_ranges_kernel[(B * nr,)](seg, rng, N, nr, nc, seg.stride(0), seg.stride(1),
+                                             BLOCK_R=block_rows, BLOCK_C=block_cols, CHUNK=chunk)
+    return rng
 
 
 def _acc_dtype(dtype):
@@ -481,7 +501,7 @@ def _patch_attn_bwd(do, q, k, v, out, lse, segment_ids, scale):
     if has_seg:
         seg = segment_ids
         rng_kv = _block_ranges(seg, BN, BM)  # key block -> query blocks
-        rng_q = _block_ranges(seg, BM, BN)  # query block -> key blocks
+        rng_q = rng_kv if BM == BN else _block_ranges(seg, BM, BN)  # query block -> key blocks
     else:
         seg = torch.zeros((1, 1), dtype=torch.int32, device=q.device)
         rng_kv = rng_q = torch.zeros((1, 2), dtype=torch.int32, device=q.device)
