@@ -508,10 +508,11 @@ def _tl_dtype(dt):
 BLOCK_F = 32   # feature chunk: MIM4D's 32 features are one chunk
 
 
-def _pick_blocks():
+def _pick_blocks(gpu: bool | None = None):
     """(BLOCK_R, BLOCK_F, num_warps): one GPU configuration (32 rays x 32 channels); the interpreter
     (~0.4 ms per program) gets bigger ray blocks."""
-    return (128 if interpreting() else 32), BLOCK_F, 4
+    gpu = not interpreting() if gpu is None else gpu
+    return (32 if gpu else 128), BLOCK_F, 4
 
 
 def _prep(volume, origins, dirs, t_vals, inv_s):
