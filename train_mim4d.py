@@ -70,7 +70,7 @@ def lidar_to_depths(lidar, mask, K, cam2ego, H, W):
 def make_data(tc: TrainConfig, mc: MIM4DConfig, split: str, rank: int, world: int):
     """A list of samples for this rank (rendered/loaded once; the tiny CPU run cycles over them)."""
     if tc.data:
-        from nano4d.driving import RigDataset
+        from nano4d.rig import RigDataset
         ds = RigDataset(tc.data, num_frames=mc.num_frames, res=mc.img_size)
         n = len(ds)
         ids = list(range(n))[: max(1, n // 10)] if split == "val" else list(range(n))[max(1, n // 10):] or [0]

@@ -64,7 +64,7 @@ class TrainConfig:
 def make_datasets(tc: TrainConfig, rank: int, world: int):
     """-> (train, held-out) `Views`. Procedural: objects rendered lazily and cached (uint8 in memory, and
     on disk in cache_dir); rank r trains on objects r, r + world, ... (no duplicated rendering)."""
-    from nano4d import data as D
+    from nano4d import data as D, loaders
     if not tc.data:
         kw = dict(res=tc.src_res, seed=tc.seed, occ_res=0, num_surface_points=0, background="random",
                   cache_dir=tc.cache_dir or None)
@@ -73,9 +73,9 @@ def make_datasets(tc: TrainConfig, rank: int, world: int):
         return Views(train, range(rank, len(train), world), cache=True), Views(held, range(len(held)), cache=True)
     sub = [os.path.join(tc.data, d) for d in sorted(os.listdir(tc.data)) if os.path.isdir(os.path.join(tc.data, d))]
     if sub and any(len(n) == 5 and n.isdigit() for n in os.listdir(sub[0])):      # <obj>/<view:05d>/...
-        ds, pass_v = D.GObjaverseDataset(tc.data, num_views=tc.max_views, res=tc.src_res, seed=tc.seed), False
+        ds, pass_v = loaders.GObjaverseDataset(tc.data, num_views=tc.max_views, res=tc.src_res, seed=tc.seed), False
     else:                                                                          # <sequence>/*.png|jpg
-        ds, pass_v = D.ImageSequenceFolder(tc.data, views=(1, tc.max_views), res=tc.src_res, seed=tc.seed), True
+        ds, pass_v = loaders.ImageSequenceFolder(tc.data, views=(1, tc.max_views), res=tc.src_res, seed=tc.seed), True
     n_held = min(tc.eval_objects, max(1, len(ds) // 10))
     train_ids = list(range(len(ds) - n_held))
     return (Views(ds, train_ids[rank::world], pass_v=pass_v),

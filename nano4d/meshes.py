@@ -26,7 +26,7 @@ Shading: ambient 0.6 + diffuse 0.4 from a light at the camera (no shadows, no sp
 close to the albedo. Not supported: transparency (materials with d < 1 render opaque; d < 0.05 skipped),
 normal/bump maps, per-vertex colours.
 
-Output per object (``nano4d.data.write_gobjaverse_object``): ``<out>/<obj_id>/<view:05d>/<view:05d>.png``
+Output per object (``nano4d.loaders.write_gobjaverse_object``): ``<out>/<obj_id>/<view:05d>/<view:05d>.png``
 (RGBA), ``<view>.json`` (GObjaverse camera + exact K), ``<view>_depth.npy``, plus ``surface_points.npy``
 (area-uniform samples of the normalized mesh: the ground truth for Chamfer / F-score) and
 ``occupancy.npy`` (32^3, (Z, Y, X), cells over [-0.5, 0.5]^3 crossed by the surface samples), and
@@ -543,7 +543,7 @@ _WORKER_RENDERER = None
 def _render_task(task: dict) -> dict:
     """Render one object (runs in a worker process or inline). Returns a status record."""
     global _WORKER_RENDERER
-    from nano4d.data import write_gobjaverse_object
+    from nano4d.loaders import write_gobjaverse_object
     t0 = time.time()
     rec = {"id": task["id"], "path": task["path"]}
     try:
@@ -595,7 +595,7 @@ def _is_done(out: Path, obj_id: str, views: int, res: int) -> bool:
 
 
 def _preview(out: Path, ids: list, max_objects: int = 8, max_views: int = 8) -> str | None:
-    from nano4d.data import read_gobjaverse_object
+    from nano4d.loaders import read_gobjaverse_object
     from nano4d.utils import save_image_grid
     rows = []
     for obj_id in ids[:max_objects]:

@@ -10,6 +10,8 @@ from PIL import Image
 
 from nano4d import data as D
 from nano4d import driving as R
+from nano4d import loaders as L
+from nano4d import rig as RJ
 from nano4d.utils import invert_pose, look_at, project_points
 
 
@@ -206,22 +208,22 @@ def test_gobjaverse_roundtrip(tmp_path):
     rgba = torch.cat([it["images"], it["alphas"]], 1).permute(0, 2, 3, 1)
     K = it["K"].clone()
     K[1, 0, 2] += 1.5                                            # off-centre principal point survives
-    D.write_gobjaverse_object(str(tmp_path), "obj_a", rgba, it["c2w"], K, depth=it["depths"][:, 0],
+    L.write_gobjaverse_object(str(tmp_path), "obj_a", rgba, it["c2w"], K, depth=it["depths"][:, 0],
                               normal=it["normals"].permute(0, 2, 3, 1), occupancy=it["occupancy"],
                               surface_points=it["surface_points"])
-    D.write_gobjaverse_object(str(tmp_path), "obj_b", rgba, it["c2w"], K, depth=it["depths"][:, 0], depth_format="png16")
-    r = D.read_gobjaverse_object(str(tmp_path / "obj_a"))
+    L.write_gobjaverse_object(str(tmp_path), "obj_b", rgba, it["c2w"], K, depth=it["depths"][:, 0], depth_format="png16")
+    r = L.read_gobjaverse_object(str(tmp_path / "obj_a"))
     assert r["view_ids"] == [0, 1, 2]
     assert torch.allclose(r["c2w"], it["c2w"], atol=1e-6) and torch.allclose(r["K"], K, atol=1e-5)
     assert (r["images"] * r["alphas"] - it["images"] * it["alphas"]).abs().max() <= 1 / 255 + 1e-6
     assert torch.equal(r["alphas"], it["alphas"])
     assert torch.equal(r["depths"], it["depths"]) and torch.equal(r["normals"], it["normals"])
     assert torch.equal(r["occupancy"], it["occupancy"]) and torch.equal(r["surface_points"], it["surface_points"])
-    b = D.read_gobjaverse_object(str(tmp_path / "obj_b"), views=[2])
+    b = L.read_gobjaverse_object(str(tmp_path / "obj_b"), views=[2])
     assert (b["depths"] - it["depths"][2:]).abs().max() <= 0.5e-4 + 1e-6
     # the JSON alone (x, y, z, origin, fovs; no nano4d 'K') gives the same camera for a centred K
     js = json.loads((tmp_path / "obj_a" / "00000" / "00000.json").read_text())
-    c2w0, K0 = D.gobjaverse_camera({k: js[k] for k in ("x", "y", "z", "origin", "x_fov", "y_fov")}, 16, 12)
+    c2w0, K0 = L.gobjaverse_camera({k: js[k] for k in ("x", "y", "z", "origin", "x_fov", "y_fov")}, 16, 12)
     assert torch.allclose(c2w0, it["c2w"][0], atol=1e-6) and torch.allclose(K0, it["K"][0], atol=1e-4)
     pts = it["surface_points"][:5]
     assert torch.allclose(project_points(pts, invert_pose(r["c2w"]), r["K"])[0],
@@ -238,7 +240,7 @@ def test_gobjaverse_nd_exr(tmp_path):
     nd = np.random.default_rng(0).normal(size=(6, 8, 4)).astype(np.float32)
     OpenEXR.File({"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage},
                  {"RGBA": nd}).write(os.path.join(obj, "00000", "00000_nd.exr"))
-    r = D.read_gobjaverse_object(obj)
+    r = L.read_gobjaverse_object(obj)
     alpha = r["alphas"][0, 0].numpy()
     assert (alpha == 0).any() and np.allclose(r["depths"][0, 0].numpy(), nd[..., 3] * (alpha > 0))
     n = r["normals"][0].permute(1, 2, 0).numpy()           # unity2blender: (x, y, z) -> (-z, -x, y)
@@ -246,14 +248,14 @@ def test_gobjaverse_nd_exr(tmp_path):
     with open(os.path.join(obj, "00000", "00000_nd.exr"), "wb") as f:
         f.write(b"garbage")
     with pytest.raises(D.DataError, match=r"00000_nd\.exr: unreadable EXR"):
-        D.read_gobjaverse_object(obj)
+        L.read_gobjaverse_object(obj)
 
 
 def test_gobjaverse_json_convention():
     """GObjaverse JSON: x, y, z = camera right, down, forward in world (OpenCV); fovs in radians."""
     meta = {"x": [1, 0, 0], "y": [0, 0, -1], "z": [0, 1, 0], "origin": [0, -2, 0],
             "x_fov": math.radians(60), "y_fov": math.radians(60)}
-    c2w, K = D.gobjaverse_camera(meta, 64, 64)
+    c2w, K = L.gobjaverse_camera(meta, 64, 64)
     uv, z = project_points(torch.tensor([[0.0, 0, 0], [0, 0, 0.5], [0.5, 0, 0]]), invert_pose(c2w), K)
     assert torch.allclose(uv[0], torch.tensor([32.0, 32.0])) and torch.allclose(z, torch.full((3,), 2.0))
     assert uv[1, 1] < 32 and torch.isclose(uv[1, 0], torch.tensor(32.0))        # world up is image up
@@ -268,13 +270,13 @@ def _write_tiny_object(root, name, n_views, hw=(6, 8)):
     g = torch.Generator().manual_seed(n_views)
     rgba = torch.rand(n_views, H, W, 4, generator=g)
     rgba[..., 3] = (0.1 + 0.9 * rgba[..., 3]) * (torch.arange(W) % 3 != 0)    # some alpha = 0 pixels
-    return D.write_gobjaverse_object(str(root), name, rgba, c2w, K, depth=torch.rand(n_views, H, W, generator=g))
+    return L.write_gobjaverse_object(str(root), name, rgba, c2w, K, depth=torch.rand(n_views, H, W, generator=g))
 
 
 def test_gobjaverse_dataset_views_and_resize(tmp_path):
     _write_tiny_object(tmp_path, "a", 26)
     _write_tiny_object(tmp_path, "b", 6)
-    ds = D.GObjaverseDataset(str(tmp_path), num_views=6, res=(3, 4), background="random", seed=1)
+    ds = L.GObjaverseDataset(str(tmp_path), num_views=6, res=(3, 4), background="random", seed=1)
     assert len(ds) == 2
     a = ds[0]
     ring = a["view_ids"][:4]
@@ -283,45 +285,45 @@ def test_gobjaverse_dataset_views_and_resize(tmp_path):
     assert a["images"].shape == (6, 3, 3, 4) and a["depths"].shape == (6, 1, 3, 4)
     b = ds[1]
     assert b["view_ids"][:4].tolist() == [0, 1, 2, 3]
-    full = D.read_gobjaverse_object(str(tmp_path / "b"))
+    full = L.read_gobjaverse_object(str(tmp_path / "b"))
     assert torch.allclose(b["K"][0, :2], full["K"][0, :2] / 2, atol=1e-5)
     assert torch.equal(ds[0]["view_ids"], a["view_ids"])       # deterministic
     ds.set_epoch(3)
     assert any(not torch.equal(ds[0]["view_ids"], a["view_ids"]) for _ in range(1))
     with pytest.raises(D.DataError, match="needs 7 views"):
-        D.GObjaverseDataset(str(tmp_path), num_views=7)[1]
+        L.GObjaverseDataset(str(tmp_path), num_views=7)[1]
 
 
 def test_gobjaverse_malformed(tmp_path):
     obj = _write_tiny_object(tmp_path, "x", 3)
     os.remove(os.path.join(obj, "00001", "00001.png"))
     with pytest.raises(D.DataError, match=r"00001\.png: missing"):
-        D.read_gobjaverse_object(obj)
+        L.read_gobjaverse_object(obj)
     obj = _write_tiny_object(tmp_path, "y", 2)
     with open(os.path.join(obj, "00001", "00001.json"), "w") as f:
         f.write("{not json")
     with pytest.raises(D.DataError, match=r"00001\.json: bad JSON"):
-        D.read_gobjaverse_object(obj)
+        L.read_gobjaverse_object(obj)
     obj = _write_tiny_object(tmp_path, "z", 2)
     js = os.path.join(obj, "00000", "00000.json")
     meta = json.load(open(js))
     del meta["origin"]
     json.dump(meta, open(js, "w"))
     with pytest.raises(D.DataError, match=r"00000\.json: missing camera field 'origin'"):
-        D.read_gobjaverse_object(obj)
+        L.read_gobjaverse_object(obj)
     obj = _write_tiny_object(tmp_path, "w", 2)
     Image.fromarray(np.zeros((5, 5, 4), np.uint8)).save(os.path.join(obj, "00001", "00001.png"))
     with pytest.raises(D.DataError, match=r"00001\.png: image is 5x5 but"):
-        D.read_gobjaverse_object(obj)
+        L.read_gobjaverse_object(obj)
     obj = _write_tiny_object(tmp_path, "v", 2)
     np.save(os.path.join(obj, "00001", "00001_depth.npy"), np.zeros((3, 3), np.float32))
     with pytest.raises(D.DataError, match=r"00001: depth is 3x3"):
-        D.read_gobjaverse_object(obj)
+        L.read_gobjaverse_object(obj)
     os.makedirs(tmp_path / "not_an_object")
     with pytest.raises(D.DataError, match="not_an_object: not an object folder"):
-        D.GObjaverseDataset(str(tmp_path))
+        L.GObjaverseDataset(str(tmp_path))
     with pytest.raises(D.DataError, match="not found"):
-        D.read_gobjaverse_object(str(tmp_path / "missing"))
+        L.read_gobjaverse_object(str(tmp_path / "missing"))
 
 
 # ---------------------------------------------------------------------------------------------- image folders
@@ -335,7 +337,7 @@ def test_image_sequence_folder(tmp_path):
             ext = "png" if k % 2 else "jpg"
             Image.fromarray(rng.integers(0, 255, (20 + k, 30, 3), dtype=np.uint8)).save(tmp_path / s / f"{k:03d}.{ext}")
     (tmp_path / "seq_b" / "notes.txt").write_text("ignored: not an image")
-    ds = D.ImageSequenceFolder(str(tmp_path), views=(2, 4), res=16, seed=0)
+    ds = L.ImageSequenceFolder(str(tmp_path), views=(2, 4), res=16, seed=0)
     assert len(ds) == 2 and ds.sequences == ["seq_a", "seq_b"]
     for i in range(2):
         it = ds[i]
@@ -343,14 +345,14 @@ def test_image_sequence_folder(tmp_path):
         assert 2 <= V <= 4 and it["images"].shape[1:] == (3, 16, 16)
         assert torch.equal(ds[i]["images"], it["images"])
     assert ds[(0, 5)]["images"].shape[0] == 5 and ds[(1, 5)]["images"].shape[0] == 3   # capped by length
-    assert D.ImageSequenceFolder(str(tmp_path), views=(3, 3), res=(8, 12))[(0, 3)]["images"].shape == (3, 3, 8, 12)
+    assert L.ImageSequenceFolder(str(tmp_path), views=(3, 3), res=(8, 12))[(0, 3)]["images"].shape == (3, 3, 8, 12)
     with pytest.raises(D.DataError, match="differs"):
-        D.ImageSequenceFolder(str(tmp_path), views=(2, 5), res=None)[(0, 5)]
+        L.ImageSequenceFolder(str(tmp_path), views=(2, 5), res=None)[(0, 5)]
     with pytest.raises(D.DataError, match="seq_b: 3 images, fewer than the minimum of 4"):
-        D.ImageSequenceFolder(str(tmp_path), views=(4, 6))
+        L.ImageSequenceFolder(str(tmp_path), views=(4, 6))
     (tmp_path / "seq_a" / "999.png").write_bytes(b"not a png")
     with pytest.raises(D.DataError, match=r"999\.png: unreadable image"):
-        D.ImageSequenceFolder(str(tmp_path), views=(2, 6))[(0, 6)]
+        L.ImageSequenceFolder(str(tmp_path), views=(2, 6))[(0, 6)]
 
 
 # ---------------------------------------------------------------------------------------------- driving
@@ -522,12 +524,12 @@ def test_moving_cars_move_in_bev():
 
 def test_rig_json_roundtrip(tmp_path, drive_sample):
     _, s = drive_sample
-    path = R.write_rig(str(tmp_path / "scene"), s)
-    rig = R.read_rig(path)
+    path = RJ.write_rig(str(tmp_path / "scene"), s)
+    rig = RJ.read_rig(path)
     assert rig["cam_names"] == list(R.CAM_NAMES)
     assert torch.allclose(rig["cam2ego"], s["cam2ego"], atol=1e-6)
     assert torch.allclose(rig["ego2world"], s["ego2world"], atol=1e-5)
-    ds = R.RigDataset(str(tmp_path), num_frames=2)
+    ds = RJ.RigDataset(str(tmp_path), num_frames=2)
     assert len(ds) == 2
     r = ds[1]
     assert (r["images"] - s["images"][1:]).abs().max() <= 0.5 / 255 + 1e-6
@@ -537,7 +539,7 @@ def test_rig_json_roundtrip(tmp_path, drive_sample):
     for k in range(2):
         a, b = r["lidar"][k][r["lidar_mask"][k]], s["lidar"][k + 1][s["lidar_mask"][k + 1]]
         assert torch.allclose(a, b, atol=1e-5)
-    small = R.RigDataset(path, num_frames=3, res=(16, 28), max_points=100)[0]
+    small = RJ.RigDataset(path, num_frames=3, res=(16, 28), max_points=100)[0]
     assert small["images"].shape == (3, 6, 3, 16, 28) and small["lidar"].shape == (3, 100, 3)
     assert torch.allclose(small["K"][:, :2], s["K"][:, :2] / 2)
 
@@ -560,7 +562,7 @@ def test_driving_cache(tmp_path, drive_sample):
 def test_rig_malformed(tmp_path, drive_sample):
     _, s = drive_sample
     sub = {k: (v[:1] if k in ("images", "depths", "ego2world", "lidar", "lidar_mask", "timestamps") else v) for k, v in s.items()}
-    path = R.write_rig(str(tmp_path / "a"), sub)
+    path = RJ.write_rig(str(tmp_path / "a"), sub)
     rig = json.loads(open(path).read())
 
     def bad(mutate, match):
@@ -569,7 +571,7 @@ def test_rig_malformed(tmp_path, drive_sample):
         p = tmp_path / "a" / "bad.json"
         p.write_text(json.dumps(r))
         with pytest.raises(D.DataError, match=match):
-            R.load_rig_frames(R.read_rig(str(p)), [0])
+            RJ.load_rig_frames(RJ.read_rig(str(p)), [0])
     bad(lambda r: r["cameras"][2].pop("cam_intrinsic"), r"bad\.json: cameras\[2\]: missing field 'cam_intrinsic'")
     bad(lambda r: r["frames"][0].__setitem__("ego2global_rotation", [0, 0, 0, 0]), "degenerate")
     bad(lambda r: r["frames"][0]["cams"]["CAM_BACK"].__setitem__("data_path", "nope.png"), r"nope\.png: missing")
@@ -578,7 +580,7 @@ def test_rig_malformed(tmp_path, drive_sample):
     bad(lambda r: [c.__setitem__("width", 99) for c in r["cameras"]], r"CAM_FRONT\.png: image is 56x32 but the rig says 99x32")
     (tmp_path / "a" / "broken.json").write_text("{")
     with pytest.raises(D.DataError, match=r"broken\.json: bad JSON"):
-        R.read_rig(str(tmp_path / "a" / "broken.json"))
+        RJ.read_rig(str(tmp_path / "a" / "broken.json"))
 
 
 def test_preview_cli(tmp_path):

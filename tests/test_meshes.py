@@ -259,7 +259,7 @@ def _fake_sweethome3d(root):
 
 def test_prepare_and_render_collection(tmp_path):
     pytest.importorskip("pybullet", reason="needs the render extra: pip install 'nano4d[render]'")
-    from nano4d.data import read_gobjaverse_object
+    from nano4d.loaders import read_gobjaverse_object
     src = tmp_path / "sh3d"
     counts = Me.prepare_sweethome3d(src, extracted=_fake_sweethome3d(tmp_path / "deb"), catalogs=None,
                                     log=lambda *a: None)
@@ -278,7 +278,7 @@ def test_prepare_and_render_collection(tmp_path):
     split = json.loads((out / "split.json").read_text())
     assert sorted(split["train"] + split["val"]) == ["mycat__box", "mycat__plain"]
     assert (out / "preview.png").is_file()
-    from nano4d.data import GObjaverseDataset
+    from nano4d.loaders import GObjaverseDataset
     ds = GObjaverseDataset(str(out), num_views=4, object_ids=str(out / ("train.json" if split["train"] else "val.json")))
     item = ds[0]
     assert item["images"].shape == (4, 3, 24, 24) and item["depths"].shape == (4, 1, 24, 24)
