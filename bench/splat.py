@@ -144,6 +144,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run (seconds)")
     ap.add_argument("--cpu-train-size", action="store_true", help="with --tiny: also B=2, V=6, N=8000 (slow)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads for --tiny (1: stable on a shared CPU)")
     args = ap.parse_args()
     if args.tiny or not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"   # before triton kernels are defined
@@ -163,6 +164,7 @@ def main():
               "|---|---|---|---|---|---|---|"]
     rows = []
     if args.tiny or not torch.cuda.is_available():
+        torch.set_num_threads(args.threads)
         print(f"CPU run (torch {torch.__version__}, {torch.get_num_threads()} threads); kernel = Triton interpreter")
         cpu_cases = {"tiny-geolrm": (1, 4, 2000, 3, 64, 64)}
         if args.cpu_train_size:
