@@ -21,14 +21,17 @@ The backward recomputes P from the LSE: a preprocess kernel forms delta = rowsum
 per key block accumulates dK, dV over query blocks, one kernel per query block accumulates dQ over key
 blocks (no atomics: the backward is deterministic). No N x N matrix is ever stored.
 Block skipping: a tiny pre-pass kernel gives each block its min/max non-negative id; a query block
-visits only the key-block range [lo, hi) whose id ranges can meet its own. With contiguous segments that range is tight (frame-wise over V views costs ~1/V of global);
-with interleaved ids the range is wider but the per-element mask keeps the result exact.
+visits only the key-block range [lo, hi) whose id ranges can meet its own. With contiguous segments
+that range is tight (frame-wise over V views costs ~1/V of global); with interleaved ids the range is
+wider but the per-element mask keeps the result exact. Without ids nothing is pre-computed.
 
 Limits: fp32, bf16, fp16 (fp32 accumulation), fp64 (fp64 accumulation; a verification dtype,
 used by gradcheck). Head dim 1 <= D <= 256, padded internally by masked loads to the next tile
 width of 16/32/64/128/256 (the caller never pads). fp32 inputs use exact fp32 dots
-(``input_precision="ieee"``), not TF32. Non-finite inputs are not checked (that costs a device sync):
-they propagate NaN to the rows that attend them, as with any attention.
+(``input_precision="ieee"``), not TF32: accurate, but no tensor cores on the GPU (use bf16/fp16 for
+speed). The LSE is stored in fp32, so at extreme logits (|scale * q.k| ~ 100+) fp32 gradients carry
+a relative error ~|lse| * 2^-24, as in any FlashAttention-style backward. Non-finite inputs are not
+checked (that costs a device sync): they propagate NaN to the rows that attend them.
 """
 from __future__ import annotations
 
