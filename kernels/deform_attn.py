@@ -44,8 +44,9 @@ Limits / dtypes: value, sampling_locations and attention_weights may each be fp3
 fp64, for gradcheck); arithmetic accumulates in fp32 (fp64 if any input is fp64). The output and
 grad_value take value's dtype, grad_loc / grad_weights their input's dtype. grad_value is accumulated
 with fp32 atomics into a (B, S, H, D) fp32 buffer, then cast, so the GPU backward is deterministic only
-up to the atomics' summation order. The Triton kernel takes head dim D in 1..256 (padded to a
-power-of-two block with masks; ValueError above), any M >= 1 and P >= 1, and computes offsets in int64.
+up to the atomics' summation order. The Triton kernel takes any head dim D: up to 256 channels per
+launch (padded to a power-of-two block with masks), larger D in near-equal chunks of <= 256 channels
+(one launch each, location/weight gradients summed over chunks); any M >= 1 and P >= 1; int64 offsets.
 Grid: one flat axis of B * H * ceil(Q / BLOCK_Q) programs. spatial_shapes / level_start_index are
 checked against each other and S on the host (a small device->host copy per call, so the op is not
 CUDA-graph capturable). The reference (CPU path) has no limit on D and computes in value's dtype
@@ -61,7 +62,7 @@ import triton.language as tl
 from kernels._common import (FLOAT_DTYPES, check_index_range, check_same_device, check_tensor, interpreting,
                              next_pow2, use_triton)
 
-MAX_D = 256
+MAX_D = 256  # channels per launch (larger head dims run in chunks)
 
 
 # ============================================================================ Triton kernels
@@ -267,8 +268,6 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
     if sum(sizes) != S:
         raise ValueError(f"value: S = {S} but spatial_shapes sum to {sum(sizes)} positions")
     if kernel:
-        if not 1 <= D <= MAX_D:
-            raise ValueError(f"value: head dim D = {D} outside the kernel's range 1..{MAX_D}")
         check_index_range("value", value.numel(), 2**62)
         check_index_range("sampling_locations", sampling_locations.numel(), 2**62)
     return B, S, H, D, Q, M, P
@@ -294,6 +293,13 @@ def _prep_meta(spatial_shapes, level_start_index, device):
             level_start_index.to(device=device, dtype=torch.int64).contiguous())
 
 
+def _d_chunks(D: int):
+    """Split the head dim into near-equal chunks of at most MAX_D channels (one launch each)."""
+    n = -(-D // MAX_D)
+    dc = -(-D // n)
+    return [(c, min(D, c + dc)) for c in range(0, D, dc)]
+
+
 def _deform_attn_fwd(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     B, S, H, D, Q, M, P = _check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                                         attention_weights, kernel=True)
@@ -303,14 +309,16 @@ def _deform_attn_fwd(value, spatial_shapes, level_start_index, sampling_location
     shapes, starts = _prep_meta(spatial_shapes, level_start_index, value.device)
     loc = sampling_locations.contiguous()
     attw = attention_weights.contiguous()
-    block_q, block_d, warps = _block_sizes(D, Q)
-    nqb = triton.cdiv(Q, block_q)
     o4 = out.view(B, Q, H, D)
-    _deform_attn_fwd_kernel[(nqb * B * H,)](
-        value, shapes, starts, loc, attw, out,
-        Q, H, M, P, D, nqb,
-        *value.stride(), *o4.stride(),
-        BLOCK_Q=block_q, BLOCK_D=block_d, ACC=_acc_dtype(value, loc, attw), num_warps=warps)
+    for c0, c1 in _d_chunks(D):                      # one chunk unless D > MAX_D
+        v, o = value[..., c0:c1], o4[..., c0:c1]
+        block_q, block_d, warps = _block_sizes(c1 - c0, Q)
+        nqb = triton.cdiv(Q, block_q)
+        _deform_attn_fwd_kernel[(nqb * B * H,)](
+            v, shapes, starts, loc, attw, o,
+            Q, H, M, P, c1 - c0, nqb,
+            *v.stride(), *o.stride(),
+            BLOCK_Q=block_q, BLOCK_D=block_d, ACC=_acc_dtype(value, loc, attw), num_warps=warps)
     return out
 
 
@@ -320,27 +328,43 @@ def _deform_attn_bwd(grad_out, value, spatial_shapes, level_start_index, samplin
                                         attention_weights, kernel=True)
     check_tensor("grad_out", grad_out, shape=(B, Q, H * D), dtypes=FLOAT_DTYPES, device=value.device)
     acc_t = _acc_dtype(value, sampling_locations, attention_weights)
-    gv_acc = torch.zeros(B, S, H, D, device=value.device,
-                         dtype=torch.float64 if acc_t == tl.float64 else torch.float32)
-    # every (b, q, h, m, p) entry is written exactly once by the kernel (zeros only matter when empty)
+    acc_torch = torch.float64 if acc_t == tl.float64 else torch.float32
+    dev = value.device
     launch = grad_out.numel() > 0 and value.numel() > 0
-    new = torch.empty if launch else torch.zeros
-    gloc = new(sampling_locations.shape, device=value.device, dtype=sampling_locations.dtype)
-    gattw = new(attention_weights.shape, device=value.device, dtype=attention_weights.dtype)
-    if launch:
-        shapes, starts = _prep_meta(spatial_shapes, level_start_index, value.device)
-        loc = sampling_locations.contiguous()
-        attw = attention_weights.contiguous()
-        block_q, block_d, warps = _block_sizes(D, Q)
+    if not launch:
+        return (torch.zeros_like(value), torch.zeros_like(sampling_locations),
+                torch.zeros_like(attention_weights))
+    shapes, starts = _prep_meta(spatial_shapes, level_start_index, dev)
+    loc = sampling_locations.contiguous()
+    attw = attention_weights.contiguous()
+    g4 = grad_out.view(B, Q, H, D) if grad_out.is_contiguous() else grad_out.reshape(B, Q, H, D)
+    chunks = _d_chunks(D)
+    if len(chunks) == 1:
+        # every (b, q, h, m, p) entry of gloc / gattw is written exactly once by the kernel
+        gloc = torch.empty(loc.shape, device=dev, dtype=loc.dtype)
+        gattw = torch.empty(attw.shape, device=dev, dtype=attw.dtype)
+    else:   # D > MAX_D: per-chunk partial sums over D, added up in the accumulation dtype
+        gloc = torch.zeros(loc.shape, device=dev, dtype=acc_torch)
+        gattw = torch.zeros(attw.shape, device=dev, dtype=acc_torch)
+        gvalue = torch.empty(value.shape, device=dev, dtype=value.dtype)
+    for c0, c1 in chunks:
+        v, g = value[..., c0:c1], g4[..., c0:c1]
+        gv_acc = torch.zeros(B, S, H, c1 - c0, device=dev, dtype=acc_torch)   # contiguous, for atomics
+        gl, gw = (gloc, gattw) if len(chunks) == 1 else (torch.empty_like(gloc), torch.empty_like(gattw))
+        block_q, block_d, warps = _block_sizes(c1 - c0, Q)
         nqb = triton.cdiv(Q, block_q)
-        g4 = grad_out.view(B, Q, H, D) if grad_out.is_contiguous() else grad_out.reshape(B, Q, H, D)
         _deform_attn_bwd_kernel[(nqb * B * H,)](
-            value, shapes, starts, loc, attw, g4,
-            gv_acc, gloc, gattw,
-            Q, H, M, P, D, S, nqb,
-            *value.stride(), *g4.stride(),
+            v, shapes, starts, loc, attw, g,
+            gv_acc, gl, gw,
+            Q, H, M, P, c1 - c0, S, nqb,
+            *v.stride(), *g.stride(),
             BLOCK_Q=block_q, BLOCK_D=block_d, ACC=acc_t, num_warps=warps)
-    return gv_acc.to(value.dtype), gloc, gattw
+        if len(chunks) == 1:
+            return gv_acc.to(value.dtype), gloc, gattw
+        gloc += gl
+        gattw += gw
+        gvalue[..., c0:c1] = gv_acc
+    return gvalue, gloc.to(loc.dtype), gattw.to(attw.dtype)
 
 
 # ============================================================================ registration

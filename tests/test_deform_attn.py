@@ -274,19 +274,29 @@ def test_bad_inputs_raise_value_error():
             args.update(kw)
             with pytest.raises(ValueError, match=msg):
                 fn(**args)
-    # head dim above the kernel's limit: the kernel refuses, the reference path computes it
-    big = torch.randn(1, 25, 2, DA.MAX_D + 1)
-    with pytest.raises(ValueError, match="value: head dim"):
-        DA._deform_attn_fwd(big, ss, starts, loc, w)
 
 
 def test_cpu_dispatch_uses_reference(monkeypatch):
+    def no_kernel(*args):
+        raise AssertionError("the kernel launcher ran on the CPU path")
+
     monkeypatch.setenv("NANO4D_FORCE_TRITON", "0")
-    value, ss, starts, loc, w = make_inputs(1, 1, 5, 1, DA.MAX_D + 4, [(3, 7), (2, 2)], 2)
-    out = deform_attn(value.float(), ss, starts, loc.float(), w.float())    # D > kernel limit: reference
+    monkeypatch.setattr(DA, "_deform_attn_fwd", no_kernel)
+    value, ss, starts, loc, w = make_inputs(1, 1, 5, 1, 12, [(3, 7), (2, 2)], 2)
+    out = deform_attn(value.float(), ss, starts, loc.float(), w.float())
     torch.testing.assert_close(out, deform_attn_ref(value.float(), ss, starts, loc.float(), w.float()))
     with pytest.raises(ValueError, match="level_start_index"):
         deform_attn(value.float(), ss, starts.flip(0), loc.float(), w.float())
+    monkeypatch.setenv("NANO4D_FORCE_TRITON", "1")
+    with pytest.raises(AssertionError, match="kernel launcher ran"):
+        deform_attn(value.float(), ss, starts, loc.float(), w.float())
+
+
+def test_head_dim_above_one_launch_runs_in_chunks():
+    # D = 300 > MAX_D: two launches of 150 channels; location / weight grads summed over the chunks
+    assert DA._d_chunks(300) == [(0, 150), (150, 300)] and DA._d_chunks(DA.MAX_D) == [(0, DA.MAX_D)]
+    value, ss, starts, loc, w = make_inputs(6, 1, 9, 2, 300, [(3, 7), (2, 2)], 2)
+    check_vs_reference(value, ss, starts, loc, w, torch.float32, seed=6)
 
 
 def test_opcheck():
