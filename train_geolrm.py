@@ -284,6 +284,8 @@ def main(argv=None):
     model = GeoLRM(mc).to(dev)
     if tc.init:
         U.load_weights(tc.init, model)
+    elif tc.stage == "recon" and tc.anchors == "proposal" and not os.path.exists(os.path.join(tc.run_dir, "resume.pt")):
+        U.print0("WARNING: --stage recon without --init: the proposal network is untrained (random anchors)")
     if tc.dino:
         from safetensors.torch import load_file
         hf = load_file(tc.dino)

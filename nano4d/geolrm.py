@@ -81,6 +81,7 @@ class GeoLRMConfig:
     scale_max: float = 0.02
     # geometry-aware blocks
     n_points: int = 8                   # deformable sampling points per head and level
+    offset_init: float = 1.0            # initial spacing of the sampling points, in feature-map pixels
     ffn_multiple_of: int = 256
     rope_base: float = 10000.0
     grad_checkpoint: bool = False
@@ -104,7 +105,8 @@ PRESETS = {
     "tiny": GeoLRMConfig(img_size=32, patch_size=8, enc_dim=96, enc_depth=2, enc_heads=2, enc_pos_grid=4,
                          feat_dim=48, occ_res=16, prop_grid=4, prop_dim=48, prop_depth=2, prop_heads=2,
                          dim=96, depth=3, heads=4, max_tokens=192, max_tokens_infer=384,
-                         gaussians_per_token=4, offset_max=0.08, scale_max=0.06, n_points=4, ffn_multiple_of=32),
+                         gaussians_per_token=4, offset_max=0.08, scale_max=0.06, n_points=4, ffn_multiple_of=32,
+                         offset_init=0.25),  # 8x8 maps: keep the initial sampling spread local, as on 64-112 px maps
     "paper": GeoLRMConfig(),
 }
 
@@ -220,7 +222,8 @@ class ImageEncoder(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
-        """Learned position embedding, bicubically interpolated from its grid to h x w patches."""
+        """Learned position embedding, bicubically interpolated from its grid to h x w patches (HF's
+        Dinov2 nudges the scale factor by 0.1/grid, so values differ slightly at non-native sizes)."""
         cls, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         g = int(math.isqrt(grid.shape[1]))
         if (g, g) != (h, w):
@@ -298,7 +301,7 @@ class DeformCrossAttention(nn.Module):
     levels around its projection in every view (``kernels.deform_attn``, views folded into the batch); views
     are fused by a learned softmax weight, zero for views where the anchor is invisible."""
 
-    def __init__(self, dim: int, feat_dim: int, heads: int, points: int, levels: int = 2):
+    def __init__(self, dim: int, feat_dim: int, heads: int, points: int, levels: int = 2, spacing: float = 1.0):
         super().__init__()
         self.h, self.l, self.p = heads, levels, points
         self.value_proj = nn.Linear(feat_dim, dim)
@@ -306,12 +309,12 @@ class DeformCrossAttention(nn.Module):
         self.weights = nn.Linear(dim, heads * levels * points)
         self.view_logit = nn.Linear(dim, 1)
         self.out_proj = nn.Linear(dim, dim)
-        # Deformable-DETR init: head h looks along direction 2*pi*h/H, point i at distance i + 1 (level pixels)
+        # Deformable-DETR init: head h looks along direction 2*pi*h/H, point i at (i + 1) * spacing level pixels
         nn.init.zeros_(self.offsets.weight)
         ang = torch.arange(heads, dtype=torch.float32) * (2 * math.pi / heads)
         dirs = torch.stack([ang.cos(), ang.sin()], -1)
         dirs = dirs / dirs.abs().max(-1, keepdim=True).values                         # (H, 2)
-        grid = dirs[:, None, None] * torch.arange(1, points + 1, dtype=torch.float32)[:, None]  # (H, 1, P, 2)
+        grid = dirs[:, None, None] * torch.arange(1, points + 1, dtype=torch.float32)[:, None] * spacing  # (H,1,P,2)
         with torch.no_grad():
             self.offsets.bias.copy_(grid.expand(heads, levels, points, 2).flatten())
         nn.init.zeros_(self.weights.weight)
@@ -343,7 +346,7 @@ class GeoBlock(nn.Module):
         self.norm1, self.norm2, self.norm3 = (nn.RMSNorm(dim, eps=1e-5) for _ in range(3))
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
-        self.cross = DeformCrossAttention(dim, feat_dim, heads, cfg.n_points)
+        self.cross = DeformCrossAttention(dim, feat_dim, heads, cfg.n_points, spacing=cfg.offset_init)
         m = cfg.ffn_multiple_of
         hidden = m * math.ceil(8 * dim / 3 / m)                                       # paper: 768 -> 2048
         self.w1, self.w3 = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
