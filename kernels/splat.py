@@ -26,7 +26,7 @@ gradients; the kernel backward uses atomics, so gradients are reproducible only 
 
 Kernels (CUDA, or the interpreter with NANO4D_FORCE_TRITON=1): projection fwd/bwd (one program per
 block of Gaussians of one view); binning in torch (intersection emission with repeat_interleave, one
-stable torch.sort of 64-bit keys [scene·view·tile | depth rank], tile ranges by searchsorted);
+torch.sort of unique 64-bit keys [scene·view·tile | depth rank], tile ranges by searchsorted);
 rasterization fwd (one program per (tile, scene·view, channel block), chunks of G Gaussians: α for G×256
 pixels, transmittance by a log-space cumsum, colours by tl.dot, early exit when every pixel is done) and
 bwd (back to front from the saved final T and last-contributor count; per-Gaussian gradients reduced
