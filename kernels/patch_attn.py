@@ -89,7 +89,8 @@ def _patch_attn_fwd_kernel(
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_sb, stride_sn,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_SEG: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+        HAS_SEG: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+        ACC: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     pid_m = pid % n_mblocks
     pid_bh = pid // n_mblocks
@@ -136,11 +137,14 @@ def _patch_attn_fwd_kernel(
         if HAS_SEG:
             seg_k = tl.load(SEG + b * stride_sb + offs_n * stride_sn, mask=n_in, other=-1)
             ok = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] >= 0)
-        else:
-            ok = m_in[:, None] & n_in[None, :]
-        s = tl.where(ok, s, float("-inf"))
+            s = tl.where(ok, s, float("-inf"))
+        elif not EVEN_N:  # without ids only keys past N are masked (never a whole block)
+            s = tl.where(n_in[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
+        if HAS_SEG:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
+        else:
+            m_use = m_new
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -194,7 +198,8 @@ def _patch_attn_bwd_dkdv_kernel(
         stride_dob, stride_doh, stride_don, stride_dod,
         stride_sb, stride_sn,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_SEG: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+        HAS_SEG: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+        ACC: tl.constexpr):
     """One program per (b, h, key block): dK, dV summed over the query blocks in its range."""
     pid = tl.program_id(0).to(tl.int64)
     pid_n = pid % n_nblocks
@@ -244,9 +249,11 @@ def _patch_attn_bwd_dkdv_kernel(
         if HAS_SEG:
             seg_q = tl.load(SEG + b * stride_sb + offs_m * stride_sn, mask=m_in, other=-1)
             ok = (seg_k[:, None] == seg_q[None, :]) & (seg_q[None, :] >= 0)
-        else:
-            ok = n_in[:, None] & m_in[None, :]
-        pt = tl.exp2(tl.where(ok, st * qk_scale - lse[None, :], float("-inf")))  # P^T, exactly 0 where masked
+            pt = tl.exp2(tl.where(ok, st * qk_scale - lse[None, :], float("-inf")))  # P^T, exactly 0 where masked
+        elif not EVEN_N:  # keys past N: their rows are never stored, masked only to keep them finite
+            pt = tl.exp2(tl.where(n_in[:, None], st * qk_scale - lse[None, :], float("-inf")))
+        else:  # queries past N have lse = +inf, so P = 0 there
+            pt = tl.exp2(st * qk_scale - lse[None, :])
         ptc = pt.to(DO.dtype.element_ty)
         if UPCAST:
             ptc = ptc.to(tl.float32)
@@ -280,7 +287,8 @@ def _patch_attn_bwd_dq_kernel(
         stride_dob, stride_doh, stride_don, stride_dod,
         stride_sb, stride_sn,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_SEG: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+        HAS_SEG: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+        ACC: tl.constexpr):
     """One program per (b, h, query block): dQ summed over the key blocks in its range."""
     pid = tl.program_id(0).to(tl.int64)
     pid_m = pid % n_mblocks
@@ -331,9 +339,11 @@ def _patch_attn_bwd_dq_kernel(
         if HAS_SEG:
             seg_k = tl.load(SEG + b * stride_sb + offs_n * stride_sn, mask=n_in, other=-1)
             ok = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] >= 0)
+            p = tl.exp2(tl.where(ok, s * qk_scale - lse[:, None], float("-inf")))
+        elif not EVEN_N:  # keys past N: mask them (their P = exp2(-lse) could overflow, and inf * 0 = NaN)
+            p = tl.exp2(tl.where(n_in[None, :], s * qk_scale - lse[:, None], float("-inf")))
         else:
-            ok = m_in[:, None] & n_in[None, :]
-        p = tl.exp2(tl.where(ok, s * qk_scale - lse[:, None], float("-inf")))
+            p = tl.exp2(s * qk_scale - lse[:, None])
         ds = p * (dp - delta[:, None])
         dsc = ds.to(K.dtype.element_ty)
         if UPCAST:
@@ -477,7 +487,7 @@ def _patch_attn_fwd(q, k, v, segment_ids, scale):
     _patch_attn_fwd_kernel[(nm * B * H,)](
         q, k, v, seg, rng, out, lse, N, D, H, nm, float(scale) * LOG2E,
         *_strides4(q), *_strides4(k), *_strides4(v), seg.stride(0), seg.stride(1),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=block_d, HAS_SEG=has_seg, UPCAST=upcast, IEEE=ieee,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=block_d, HAS_SEG=has_seg, EVEN_N=N % BN == 0, UPCAST=upcast, IEEE=ieee,
         ACC=_acc_dtype(q.dtype), num_warps=warps, num_stages=stages)
     return out, lse
 
@@ -510,8 +520,8 @@ def _patch_attn_bwd(do, q, k, v, out, lse, segment_ids, scale):
         rng_kv = rng_q = torch.zeros((1, 2), dtype=torch.int32, device=q.device)
     qk_scale = float(scale) * LOG2E
     common = (*_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do), seg.stride(0), seg.stride(1))
-    meta = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=block_d, HAS_SEG=has_seg, UPCAST=upcast, IEEE=ieee, ACC=acc,
-                num_warps=warps, num_stages=stages)
+    meta = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=block_d, HAS_SEG=has_seg, EVEN_N=N % BN == 0, UPCAST=upcast,
+                IEEE=ieee, ACC=acc, num_warps=warps, num_stages=stages)  # EVEN_N: no key tail in either kernel
     _patch_attn_bwd_dkdv_kernel[(nn * B * H,)](
         q, k, v, seg, rng_kv, do, lse, delta, dk, dv, N, D, H, nn, qk_scale, float(scale), *common, **meta)
     _patch_attn_bwd_dq_kernel[(nm * B * H,)](

@@ -455,10 +455,25 @@ def test_finite_extreme_logits_do_not_overflow():
         assert torch.isfinite(o).all() and all(torch.isfinite(a).all() for a in g)
 
 
+def test_very_negative_logits_with_a_key_tail_stay_finite():
+    """No ids, N not a multiple of the key block, every logit ~ -200: the zero-padded keys past N
+    would get P = exp2(-lse) = inf without the tail mask (and inf * 0 = NaN in dQ)."""
+    gen = torch.Generator().manual_seed(20)
+    for seg in (None, torch.zeros(1, 130, dtype=torch.long)):
+        q, k, v = rand_qkv(1, 1, 130, 16, torch.float32, gen, requires_grad=False)
+        q = (q * 0.05 + 2.0).requires_grad_()
+        k = (k * 0.05 - 2.0).requires_grad_()
+        v.requires_grad_()
+        o, g = check_against_ref(q, k, v, None if seg is None else seg.to(DEV), scale=3.0, gen=gen,
+                                 grad_atol=1e-5 + 8 * 250 * 2.0**-24 * 2.0)
+        assert torch.isfinite(o).all() and all(torch.isfinite(a).all() for a in g)
+
+
 # ----------------------------------------------------------------------------- ahead-of-time compile
 
 _TS = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}
-_CONSTEXPR = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HAS_SEG", "UPCAST", "IEEE", "ACC", "BLOCK_R", "BLOCK_C", "CHUNK")
+_CONSTEXPR = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HAS_SEG", "EVEN_N", "UPCAST", "IEEE", "ACC", "BLOCK_R", "BLOCK_C",
+              "CHUNK")
 
 
 def _signature(fn, ptrs):
@@ -467,14 +482,17 @@ def _signature(fn, ptrs):
     return {n: ptrs.get(n, "constexpr" if n in _CONSTEXPR else ("fp32" if "scale" in n else "i32")) for n in names}
 
 
-def _aot_all_kernels(dtype, block_d):
-    """Compile fwd, preprocess, dK/dV, dQ at the launcher's real (non-interpreted) block sizes."""
+def _aot_all_kernels(dtype, block_d, has_seg=True):
+    """Compile fwd, preprocess, dK/dV, dQ at the launcher's real (non-interpreted) block sizes.
+    With ids: the ragged-tail variant (EVEN_N False) and the block-range pre-pass; without ids: the
+    FlashAttention-sweep variant (EVEN_N True)."""
     from tests.aot import aot_compile
     import triton.language as tl
     t = _TS[dtype]
     acc, st = (tl.float64, "*fp64") if dtype == torch.float64 else (tl.float32, "*fp32")
     shared = {}
-    cx = dict(BLOCK_D=block_d, HAS_SEG=True, UPCAST=False, IEEE=dtype == torch.float32, ACC=acc)
+    cx = dict(BLOCK_D=block_d, HAS_SEG=has_seg, EVEN_N=not has_seg, UPCAST=False, IEEE=dtype == torch.float32,
+              ACC=acc)
     BM, BN, w, s = pa._fwd_config(block_d, dtype)
     ptrs = dict(Q=t, K=t, V=t, SEG="*i32", RANGE="*i32", O=t, LSE=st)
     r = aot_compile(pa._patch_attn_fwd_kernel, _signature(pa._patch_attn_fwd_kernel, ptrs),
@@ -488,33 +506,34 @@ def _aot_all_kernels(dtype, block_d):
     for name, fn in (("dkdv", pa._patch_attn_bwd_dkdv_kernel), ("dq", pa._patch_attn_bwd_dq_kernel)):
         r = aot_compile(fn, _signature(fn, ptrs), dict(cx, BLOCK_M=BM, BLOCK_N=BN), num_warps=w, num_stages=s)
         shared[name] = {a: c.metadata.shared for a, c in r.items()}
-    pairs = {(pa._fwd_config(block_d, dtype)[:2]), (BN, BM), (BM, BN)}  # block-range pre-pass, every use
+    pairs = {(pa._fwd_config(block_d, dtype)[:2]), (BN, BM), (BM, BN)} if has_seg else set()  # range pre-pass
     for br, bc in sorted(pairs):
         r = aot_compile(pa._patch_attn_ranges_kernel,
                         _signature(pa._patch_attn_ranges_kernel, dict(SEG="*i32", RANGE="*i32")),
                         dict(BLOCK_R=br, BLOCK_C=bc, CHUNK=4096 // bc))
         shared[f"ranges{br}x{bc}"] = {a: c.metadata.shared for a, c in r.items()}
-    print(f"patch_attn AOT {dtype} BLOCK_D={block_d}: shared bytes {shared}")
+    print(f"patch_attn AOT {dtype} BLOCK_D={block_d} ids={has_seg}: shared bytes {shared}")
     return shared
 
 
-# Default run: the head dims the models use (24 -> 32, 48/64 -> 64) in bf16 (fp16 has the same element
-# size, so the same tiles and shared memory). The rest (-m slow: ~15 min of compiles on a 2-core CPU,
+# Default run: bf16 at the 64 bucket (MuM's 48/64; GeoLRM's 24/48 use the 32/64 buckets, same code) with
+# and without ids (fp16 has the same element size, so the same tiles and shared memory). The rest (-m slow: ~15 min of compiles on a 2-core CPU,
 # fp32's exact "ieee" dots compile to long FMA loops) covers every bucket 16..256 x bf16/fp16/fp32.
-_FAST = [(torch.bfloat16, 32), (torch.bfloat16, 64)]
-_ALL = [(dt, bd) for dt in (torch.bfloat16, torch.float16, torch.float32) for bd in (16, 32, 64, 128, 256)] + \
-    [(torch.float64, 64), (torch.float64, 256)]  # fp64 (verification dtype): both tile branches
+_FAST = [(torch.bfloat16, 64, True), (torch.bfloat16, 64, False)]
+_ALL = [(dt, bd, True) for dt in (torch.bfloat16, torch.float16, torch.float32) for bd in (16, 32, 64, 128, 256)] + \
+    [(dt, bd, False) for dt in (torch.bfloat16, torch.float16) for bd in (64, 128)] + \
+    [(torch.float64, 64, True), (torch.float64, 256, True)]  # fp64 (verification dtype): both tile branches
 
 
-@pytest.mark.parametrize("dtype,block_d", _FAST)
-def test_aot_compile_model_head_dims(dtype, block_d):
-    _aot_all_kernels(dtype, block_d)
+@pytest.mark.parametrize("dtype,block_d,has_seg", _FAST)
+def test_aot_compile_model_head_dims(dtype, block_d, has_seg):
+    _aot_all_kernels(dtype, block_d, has_seg)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,block_d", [c for c in _ALL if c not in _FAST])
-def test_aot_compile_every_bucket_and_dtype(dtype, block_d):
-    _aot_all_kernels(dtype, block_d)
+@pytest.mark.parametrize("dtype,block_d,has_seg", [c for c in _ALL if c not in _FAST])
+def test_aot_compile_every_bucket_and_dtype(dtype, block_d, has_seg):
+    _aot_all_kernels(dtype, block_d, has_seg)
 
 
 def test_head_dim_buckets():
