@@ -211,6 +211,13 @@ def test_pair_reference_equals_dense_reference():
     for a, b in zip(_grads(dense, sc), _grads(pairs, sc)):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
     assert pairs[1].max() > 0.9
+    for seed in range(3):   # fp32, special Gaussians (huge, tiny, near plane): the pair bound loses nothing
+        sc = _cast(make_scene(1, 2, 70, 2, 41, 33, seed=100 + seed, scale=0.05 + 0.1 * seed), torch.float32)
+        with torch.no_grad():
+            dense = _render(kernels.rasterize_gaussians_ref, sc, 41, 33, dense=True)
+            pairs = _ref(sc, 41, 33)
+        for a, b in zip(dense, pairs):
+            torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- kernels vs reference
