@@ -31,6 +31,8 @@ behaviour is one config flag away so that official weights can be ported exactly
 - ``official_color_clamp``: official colour is clamp(x, -0.5, 0.5) + 0.5 (zero gradient outside); here sigmoid.
 - Invisible views (anchor behind the camera or outside the image) get zero weight in the view fusion; the
   official code has no visibility mask. Attention dropout (0.1 in the official proposal net) is not used.
+  Sampling runs in fp32 under autocast (as the official mmcv op). Plucker rays use unit directions in OpenCV
+  axes (official: OpenGL axes, un-normalized d), so a ported low-level conv sees different ray channels.
 
 Conventions: c2w (B, V, 4, 4) OpenCV axes, K (B, V, 3, 3) in pixels of the image it belongs to, pixel centres at
 +0.5, quaternions (w, x, y, z), voxel grids (B, Z, Y, X) over [-0.5, 0.5]^3.
