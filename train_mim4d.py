@@ -142,10 +142,10 @@ def render_preview(model, b, vols, tgt, cam=0):
     rgb, depth, _, _ = model.render(pred, o, d, perturb=False)
     gt = F.interpolate(b["depths"][0, tgt, cam][None], size=(h, w), mode="nearest")[0]
     depth = (depth * d_cam.norm(dim=-1)[None] ** -1).reshape(1, h, w)         # ray distance -> z-depth
-    dmax = max(float(gt.max()), 1e-3)
+    dmax = max(abs(v) for v in model.cfg.pc_range)                             # depth shown in [0, box half-size]
     img = F.interpolate(b["images"][0, tgt, cam][None], size=(h, w), mode="area")[0]
-    return torch.stack([img, rgb.reshape(h, w, 3).permute(2, 0, 1), (depth / dmax).expand(3, -1, -1),
-                        (gt / dmax).expand(3, -1, -1)]).cpu()
+    return torch.stack([img, rgb.reshape(h, w, 3).permute(2, 0, 1), (depth / dmax).clamp(0, 1).expand(3, -1, -1),
+                        (gt / dmax).clamp(0, 1).expand(3, -1, -1)]).cpu()
 
 
 def run_eval(model, val, device, run_dir, step, log):
