@@ -37,6 +37,9 @@ Limits: C - 1 <= 256 feature channels; every tensor below 2^31 elements.
 """
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
@@ -52,7 +55,9 @@ MAX_FEATURES = 256
 
 
 # ============================================================================ Triton kernels
-# Volume layout inside the kernels: channels-last (B, Z, Y, X, C), so one voxel corner is one contiguous vector.
+# Volume layout inside the kernels: the SDF as its own (B, Z, Y, X) plane and the features channels-last
+# (B, Z, Y, X, NF), so one voxel corner is one contiguous, aligned feature row (vector loads / atomics).
+# Offsets are in voxels: lin = ((b * Z + z) * Y + y) * X + x; sdf at lin, feature c at lin * NF + c.
 # Features are processed in chunks of BLOCK_F channels: the forward grid has one program per (ray block,
 # chunk) (the alpha pass is redone per chunk; one chunk for C <= 33), the backward loops over chunks.
 
@@ -73,20 +78,20 @@ def _axis(p, n, stride, CDT: tl.constexpr):
 
 
 @triton.jit
-def _sample_fwd(vol_ptr, vb, px, py, pz, X, Y, Z, svz, svy, svx, offs_f, mask_r, mask_f,
+def _sample_fwd(sdf_ptr, fv_ptr, vb, px, py, pz, X, Y, Z, NF, offs_f, mask_r, mask_f,
                 CDT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
     """Trilinear SDF (BLOCK_R,) and one feature chunk (BLOCK_R, BLOCK_F) at p."""
-    ox0, ox1, vx0, vx1, wx0, wx1, _sx = _axis(px, X, svx, CDT)
-    oy0, oy1, vy0, vy1, wy0, wy1, _sy = _axis(py, Y, svy, CDT)
-    oz0, oz1, vz0, vz1, wz0, wz1, _sz = _axis(pz, Z, svz, CDT)
+    ox0, ox1, vx0, vx1, wx0, wx1, _sx = _axis(px, X, 1, CDT)
+    oy0, oy1, vy0, vy1, wy0, wy1, _sy = _axis(py, Y, X, CDT)
+    oz0, oz1, vz0, vz1, wz0, wz1, _sz = _axis(pz, Z, X * Y, CDT)
     sdf = tl.zeros([BLOCK_R], dtype=CDT)
     feat = tl.zeros([BLOCK_R, BLOCK_F], dtype=CDT)
     for c in tl.static_range(8):
         ok = mask_r & (vx1 if c & 1 else vx0) & (vy1 if c & 2 else vy0) & (vz1 if c & 4 else vz0)
         off = vb + (ox1 if c & 1 else ox0) + (oy1 if c & 2 else oy0) + (oz1 if c & 4 else oz0)
         w = (wx1 if c & 1 else wx0) * (wy1 if c & 2 else wy0) * (wz1 if c & 4 else wz0)
-        v0 = tl.load(vol_ptr + off, mask=ok, other=0.0).to(CDT)
-        fv = tl.load(vol_ptr + off[:, None] + 1 + offs_f[None, :], mask=ok[:, None] & mask_f[None, :],
+        v0 = tl.load(sdf_ptr + off, mask=ok, other=0.0).to(CDT)
+        fv = tl.load(fv_ptr + off[:, None] * NF + offs_f[None, :], mask=ok[:, None] & mask_f[None, :],
                      other=0.0).to(CDT)
         sdf += w * v0
         feat += w[:, None] * fv
@@ -94,12 +99,12 @@ def _sample_fwd(vol_ptr, vb, px, py, pz, X, Y, Z, svz, svy, svx, offs_f, mask_r,
 
 
 @triton.jit
-def _sample_bwd(vol_ptr, vb, px, py, pz, gf_ptr, offs_r, X, Y, Z, NF, svz, svy, svx, mask_r,
+def _sample_bwd(sdf_ptr, fv_ptr, vb, px, py, pz, gf_ptr, offs_r, X, Y, Z, NF, mask_r,
                 CDT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
     """Per ray: sdf, e = <g_feat, f>, d sdf / dp (3) and d e / dp (3), p in normalized units."""
-    ox0, ox1, vx0, vx1, wx0, wx1, sx = _axis(px, X, svx, CDT)
-    oy0, oy1, vy0, vy1, wy0, wy1, sy = _axis(py, Y, svy, CDT)
-    oz0, oz1, vz0, vz1, wz0, wz1, sz = _axis(pz, Z, svz, CDT)
+    ox0, ox1, vx0, vx1, wx0, wx1, sx = _axis(px, X, 1, CDT)
+    oy0, oy1, vy0, vy1, wy0, wy1, sy = _axis(py, Y, X, CDT)
+    oz0, oz1, vz0, vz1, wz0, wz1, sz = _axis(pz, Z, X * Y, CDT)
     # values at the 8 corners, combined as v = sum w_c v_c; the derivative along x is the same sum
     # with wx0 -> -1, wx1 -> +1 (likewise y, z); accumulated as bilinear faces to save multiplies
     v = tl.zeros([BLOCK_R], dtype=CDT)
@@ -109,7 +114,7 @@ def _sample_bwd(vol_ptr, vb, px, py, pz, gf_ptr, offs_r, X, Y, Z, NF, svz, svy, 
     for c in tl.static_range(8):
         ok = mask_r & (vx1 if c & 1 else vx0) & (vy1 if c & 2 else vy0) & (vz1 if c & 4 else vz0)
         off = vb + (ox1 if c & 1 else ox0) + (oy1 if c & 2 else oy0) + (oz1 if c & 4 else oz0)
-        val = tl.load(vol_ptr + off, mask=ok, other=0.0).to(CDT)
+        val = tl.load(sdf_ptr + off, mask=ok, other=0.0).to(CDT)
         wx = wx1 if c & 1 else wx0
         wy = wy1 if c & 2 else wy0
         wz = wz1 if c & 4 else wz0
@@ -133,7 +138,7 @@ def _sample_bwd(vol_ptr, vb, px, py, pz, gf_ptr, offs_r, X, Y, Z, NF, svz, svy, 
         for c in tl.static_range(8):
             ok = mask_r & (vx1 if c & 1 else vx0) & (vy1 if c & 2 else vy0) & (vz1 if c & 4 else vz0)
             off = vb + (ox1 if c & 1 else ox0) + (oy1 if c & 2 else oy0) + (oz1 if c & 4 else oz0)
-            fv = tl.load(vol_ptr + off[:, None] + 1 + offs_f[None, :], mask=ok[:, None] & mask_f[None, :],
+            fv = tl.load(fv_ptr + off[:, None] * NF + offs_f[None, :], mask=ok[:, None] & mask_f[None, :],
                          other=0.0).to(CDT)
             dot = tl.sum(fv * gfeat, axis=1)
             wx = wx1 if c & 1 else wx0
@@ -151,17 +156,17 @@ def _sample_bwd(vol_ptr, vb, px, py, pz, gf_ptr, offs_r, X, Y, Z, NF, svz, svy, 
 
 
 @triton.jit
-def _scatter_bwd(gvol_ptr, vb, px, py, pz, gsdf, cf, gf_ptr, offs_r, X, Y, Z, NF, svz, svy, svx, mask_r,
+def _scatter_bwd(gsdf_ptr, gfv_ptr, vb, px, py, pz, gsdf, cf, gf_ptr, offs_r, X, Y, Z, NF, mask_r,
                  CDT: tl.constexpr, BLOCK_F: tl.constexpr):
-    """gvol[corners] += trilinear weight * (gsdf, cf * g_feat), fp32/fp64 atomics."""
-    ox0, ox1, vx0, vx1, wx0, wx1, _sx = _axis(px, X, svx, CDT)
-    oy0, oy1, vy0, vy1, wy0, wy1, _sy = _axis(py, Y, svy, CDT)
-    oz0, oz1, vz0, vz1, wz0, wz1, _sz = _axis(pz, Z, svz, CDT)
+    """grad[corners] += trilinear weight * (gsdf, cf * g_feat), fp32/fp64 atomics."""
+    ox0, ox1, vx0, vx1, wx0, wx1, _sx = _axis(px, X, 1, CDT)
+    oy0, oy1, vy0, vy1, wy0, wy1, _sy = _axis(py, Y, X, CDT)
+    oz0, oz1, vz0, vz1, wz0, wz1, _sz = _axis(pz, Z, X * Y, CDT)
     for c in tl.static_range(8):
         ok = mask_r & (vx1 if c & 1 else vx0) & (vy1 if c & 2 else vy0) & (vz1 if c & 4 else vz0)
         off = vb + (ox1 if c & 1 else ox0) + (oy1 if c & 2 else oy0) + (oz1 if c & 4 else oz0)
         w = (wx1 if c & 1 else wx0) * (wy1 if c & 2 else wy0) * (wz1 if c & 4 else wz0)
-        tl.atomic_add(gvol_ptr + off, w * gsdf, mask=ok)
+        tl.atomic_add(gsdf_ptr + off, w * gsdf, mask=ok)
     for f0 in range(0, NF, BLOCK_F):
         offs_f = f0 + tl.arange(0, BLOCK_F)
         mask_f = offs_f < NF
@@ -171,16 +176,15 @@ def _scatter_bwd(gvol_ptr, vb, px, py, pz, gsdf, cf, gf_ptr, offs_r, X, Y, Z, NF
             ok = mask_r & (vx1 if c & 1 else vx0) & (vy1 if c & 2 else vy0) & (vz1 if c & 4 else vz0)
             off = vb + (ox1 if c & 1 else ox0) + (oy1 if c & 2 else oy0) + (oz1 if c & 4 else oz0)
             w = (wx1 if c & 1 else wx0) * (wy1 if c & 2 else wy0) * (wz1 if c & 4 else wz0)
-            tl.atomic_add(gvol_ptr + off[:, None] + 1 + offs_f[None, :], (w * cf)[:, None] * gfeat,
+            tl.atomic_add(gfv_ptr + off[:, None] * NF + offs_f[None, :], (w * cf)[:, None] * gfeat,
                           mask=ok[:, None] & mask_f[None, :])
 
 
 @triton.jit
 def _sdf_render_fwd_kernel(
-        vol_ptr, o_ptr, d_ptr, t_ptr, s_ptr,
+        sdf_ptr, fv_ptr, o_ptr, d_ptr, t_ptr, s_ptr,
         feat_ptr, depth_ptr, opac_ptr, nsec_ptr, tlast_ptr,
         NR, R, S, X, Y, Z, NF,
-        stride_vb, stride_vz, stride_vy, stride_vx,
         stride_ob, stride_or, stride_oc,
         stride_db, stride_dr, stride_dc,
         stride_tb, stride_tr, stride_ts,
@@ -193,7 +197,7 @@ def _sdf_render_fwd_kernel(
     rr = offs_r - b * R
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     mask_f = offs_f < NF
-    vb = b * stride_vb
+    vb = b * (Z * Y * X)
     s = tl.load(s_ptr).to(CDT)
     op = o_ptr + b * stride_ob + rr * stride_or
     dp = d_ptr + b * stride_db + rr * stride_dr
@@ -220,8 +224,8 @@ def _sdf_render_fwd_kernel(
     while (k < S) & (n_active > 0):
         # point k; for k >= 1 also section k - 1 (points k - 1, k)
         t_cur = tl.load(tp + k * stride_ts, mask=active, other=0.0).to(CDT)
-        sdf_cur, f_cur = _sample_fwd(vol_ptr, vb, ox + t_cur * dx, oy + t_cur * dy, oz + t_cur * dz,
-                                     X, Y, Z, stride_vz, stride_vy, stride_vx, offs_f, active, mask_f,
+        sdf_cur, f_cur = _sample_fwd(sdf_ptr, fv_ptr, vb, ox + t_cur * dx, oy + t_cur * dy, oz + t_cur * dz,
+                                     X, Y, Z, NF, offs_f, active, mask_f,
                                      CDT, BLOCK_R, BLOCK_F)
         phi_cur = tl.sigmoid(s * sdf_cur)
         sec = active & ((nsec * 0 + k) > 0)
@@ -252,11 +256,10 @@ def _sdf_render_fwd_kernel(
 
 @triton.jit
 def _sdf_render_bwd_kernel(
-        vol_ptr, o_ptr, d_ptr, t_ptr, s_ptr, nsec_ptr, tlast_ptr,
+        sdf_ptr, fv_ptr, o_ptr, d_ptr, t_ptr, s_ptr, nsec_ptr, tlast_ptr,
         gfeat_ptr, gdepth_ptr, gopac_ptr,
-        gvol_ptr, go_ptr, gd_ptr, gt_ptr, gs_ptr,
+        gsdf_ptr, gfv_ptr, go_ptr, gd_ptr, gt_ptr, gs_ptr,
         NR, R, S, X, Y, Z, NF,
-        stride_vb, stride_vz, stride_vy, stride_vx,
         stride_ob, stride_or, stride_oc,
         stride_db, stride_dr, stride_dc,
         stride_tb, stride_tr, stride_ts,
@@ -266,7 +269,7 @@ def _sdf_render_bwd_kernel(
     mask_r = offs_r < NR
     b = offs_r // R
     rr = offs_r - b * R
-    vb = b * stride_vb
+    vb = b * (Z * Y * X)
     s = tl.load(s_ptr).to(CDT)
     op = o_ptr + b * stride_ob + rr * stride_or
     dp = d_ptr + b * stride_db + rr * stride_dr
@@ -315,8 +318,8 @@ def _sdf_render_bwd_kernel(
         sec = mask_r & (jv >= 0) & (jv < nsec)
         t_j = tl.load(tp + tl.maximum(j, 0) * stride_ts, mask=pm, other=0.0).to(CDT)
         sdf_j, e_j, dsx_j, dsy_j, dsz_j, dex_j, dey_j, dez_j = _sample_bwd(
-            vol_ptr, vb, ox + t_j * dx, oy + t_j * dy, oz + t_j * dz, gfeat_ptr, offs_r, X, Y, Z, NF,
-            stride_vz, stride_vy, stride_vx, pm, CDT, BLOCK_R, BLOCK_F)
+            sdf_ptr, fv_ptr, vb, ox + t_j * dx, oy + t_j * dy, oz + t_j * dz, gfeat_ptr, offs_r, X, Y, Z, NF,
+            pm, CDT, BLOCK_R, BLOCK_F)
         phi_j = tl.sigmoid(s * sdf_j)
         raw = (phi_j - phi_nx + 1e-5) / (phi_j + 1e-5)
         alpha = tl.where(raw < 0.0, 0.0, tl.where(raw > 1.0, 1.0, raw))
@@ -340,8 +343,8 @@ def _sdf_render_bwd_kernel(
         c_nx += w * 0.5
         # finish point j + 1
         pm_nx = mask_r & (j + 1 <= nsec)
-        _scatter_bwd(gvol_ptr, vb, ox + t_nx * dx, oy + t_nx * dy, oz + t_nx * dz, gsdf_nx, c_nx, gfeat_ptr,
-                     offs_r, X, Y, Z, NF, stride_vz, stride_vy, stride_vx,
+        _scatter_bwd(gsdf_ptr, gfv_ptr, vb, ox + t_nx * dx, oy + t_nx * dy, oz + t_nx * dz, gsdf_nx, c_nx,
+                     gfeat_ptr, offs_r, X, Y, Z, NF,
                      pm_nx & ((gsdf_nx != 0.0) | (c_nx != 0.0)), CDT, BLOCK_F)
         gpx = gsdf_nx * dsx_nx + c_nx * dex_nx
         gpy = gsdf_nx * dsy_nx + c_nx * dey_nx
@@ -515,15 +518,45 @@ def _pick_blocks(gpu: bool | None = None):
     return (32 if gpu else 128), BLOCK_F, 4
 
 
+def _launch(kernel, grid, *args, **kwargs):
+    """Launch a kernel. Under the CPU interpreter it runs in a fresh thread with numpy's floating-point
+    warnings off: (1) sigmoid(x) = 1 / (1 + exp(-x)) overflows exp to inf for very negative x (the right
+    limit, 0) and numpy would warn on every op; (2) CPython 3.11 frees and re-maps a 16 KB frame-stack chunk
+    on every call made right at a chunk boundary, and deep callers (pytest + hypothesis) put the
+    interpreter's per-op calls there: half of the CPU time went to mmap/munmap. A new thread starts
+    with an empty frame stack. On the GPU this is a plain launch."""
+    if not interpreting():
+        kernel[grid](*args, **kwargs)
+        return
+    err = []
+
+    def target():
+        try:
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                kernel[grid](*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            err.append(e)
+
+    th = threading.Thread(target=target, name="nano4d-sdf-render-interpreter")
+    th.start()
+    th.join()
+    if err:
+        raise err[0]
+
+
 def _prep(volume, origins, dirs, t_vals, inv_s):
     B, C, R, S = _check_inputs(volume, origins, dirs, t_vals, inv_s)
     out_dt = _out_dtype(volume, origins, dirs, t_vals)
-    vol = volume.permute(0, 2, 3, 4, 1).contiguous()          # channels-last (B, Z, Y, X, C): one corner = 1 vector
-    return B, C, R, S, out_dt, vol, inv_s.reshape(1).contiguous()
+    sdf = volume[:, 0].contiguous()                               # (B, Z, Y, X)
+    if C > 1:
+        fv = volume[:, 1:].permute(0, 2, 3, 4, 1).contiguous()    # (B, Z, Y, X, C-1): aligned feature rows
+    else:
+        fv = sdf.new_zeros(1)                                     # never read (NF = 0)
+    return B, C, R, S, out_dt, sdf, fv, inv_s.reshape(1).contiguous()
 
 
 def _render_sdf_fwd(volume, origins, dirs, t_vals, inv_s):
-    B, C, R, S, out_dt, vol, s = _prep(volume, origins, dirs, t_vals, inv_s)
+    B, C, R, S, out_dt, sdf, fv, s = _prep(volume, origins, dirs, t_vals, inv_s)
     Z, Y, X = volume.shape[2:]
     nf = C - 1
     cdt = _compute_dtype(out_dt)
@@ -536,10 +569,9 @@ def _render_sdf_fwd(volume, origins, dirs, t_vals, inv_s):
     nr = B * R
     if nr > 0:
         BR, BF, nw = _pick_blocks()
-        _sdf_render_fwd_kernel[(triton.cdiv(nr, BR), max(1, triton.cdiv(nf, BF)))](
-            vol, origins, dirs, t_vals, s, feat, depth, opac, nsec, tlast,
+        _launch(_sdf_render_fwd_kernel, (triton.cdiv(nr, BR), max(1, triton.cdiv(nf, BF))),
+            sdf, fv, origins, dirs, t_vals, s, feat, depth, opac, nsec, tlast,
             nr, R, S, X, Y, Z, nf,
-            vol.stride(0), vol.stride(1), vol.stride(2), vol.stride(3),
             origins.stride(0), origins.stride(1), origins.stride(2),
             dirs.stride(0), dirs.stride(1), dirs.stride(2),
             t_vals.stride(0), t_vals.stride(1), t_vals.stride(2),
@@ -548,12 +580,13 @@ def _render_sdf_fwd(volume, origins, dirs, t_vals, inv_s):
 
 
 def _render_sdf_bwd(g_feat, g_depth, g_opac, volume, origins, dirs, t_vals, inv_s, nsec, tlast):
-    B, C, R, S, out_dt, vol, s = _prep(volume, origins, dirs, t_vals, inv_s)
+    B, C, R, S, out_dt, sdf, fv, s = _prep(volume, origins, dirs, t_vals, inv_s)
     Z, Y, X = volume.shape[2:]
     nf = C - 1
     cdt = _compute_dtype(out_dt)
     dev = volume.device
-    gvol = torch.zeros(B, Z, Y, X, C, dtype=cdt, device=dev)  # fp32 atomics target (fp64 for fp64 inputs)
+    g_sdf = torch.zeros(B, Z, Y, X, dtype=cdt, device=dev)           # fp32 atomics targets (fp64 for fp64)
+    g_fv = torch.zeros(B, Z, Y, X, max(nf, 1), dtype=cdt, device=dev)
     g_o = torch.empty(B, R, 3, dtype=cdt, device=dev)
     g_d = torch.empty(B, R, 3, dtype=cdt, device=dev)
     g_t = torch.zeros(B, R, S, dtype=cdt, device=dev)
@@ -562,17 +595,16 @@ def _render_sdf_bwd(g_feat, g_depth, g_opac, volume, origins, dirs, t_vals, inv_
     if nr > 0:
         g_feat = g_feat.contiguous() if nf > 0 else torch.zeros(B, R, 1, dtype=cdt, device=dev)
         BR, BF, nw = _pick_blocks()
-        _sdf_render_bwd_kernel[(triton.cdiv(nr, BR),)](
-            vol, origins, dirs, t_vals, s, nsec.contiguous(), tlast.contiguous(),
+        _launch(_sdf_render_bwd_kernel, (triton.cdiv(nr, BR),),
+            sdf, fv, origins, dirs, t_vals, s, nsec.contiguous(), tlast.contiguous(),
             g_feat, g_depth.contiguous(), g_opac.contiguous(),
-            gvol, g_o, g_d, g_t, g_s,
+            g_sdf, g_fv, g_o, g_d, g_t, g_s,
             nr, R, S, X, Y, Z, nf,
-            vol.stride(0), vol.stride(1), vol.stride(2), vol.stride(3),
             origins.stride(0), origins.stride(1), origins.stride(2),
             dirs.stride(0), dirs.stride(1), dirs.stride(2),
             t_vals.stride(0), t_vals.stride(1), t_vals.stride(2),
             BLOCK_R=BR, BLOCK_F=BF, CDT=_tl_dtype(cdt), num_warps=nw)
-    grad_volume = gvol.permute(0, 4, 1, 2, 3).to(volume.dtype)
+    grad_volume = torch.cat([g_sdf[:, None], g_fv[..., :nf].permute(0, 4, 1, 2, 3)], 1).to(volume.dtype)
     return (grad_volume, g_o.to(origins.dtype), g_d.to(dirs.dtype), g_t.to(t_vals.dtype),
             g_s.sum().reshape(inv_s.shape).to(inv_s.dtype))
 

@@ -391,7 +391,7 @@ def _aot_signature(kernel, vol_ptr):
     for name in kernel.arg_names:
         if name in ("BLOCK_R", "BLOCK_F", "CDT"):
             sig[name] = "constexpr"
-        elif name == "vol_ptr":
+        elif name in ("sdf_ptr", "fv_ptr"):
             sig[name] = vol_ptr
         elif name == "nsec_ptr":
             sig[name] = "*i32"
