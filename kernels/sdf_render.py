@@ -25,10 +25,13 @@ Early stop: section i contributes only while T_i >= 1e-4; the kernel stops march
 backward and the reference use the same rule (the mask itself is not differentiated).
 
 Differentiable w.r.t. volume, origins, dirs, t_vals and inv_s. The Triton backward recomputes samples
-back to front: dL/da_i = T_i (u_i - A_i) with u_i the section's upstream value and A_i the "rendering
-from i+1 on" recursion A_{i-1} = a_i u_i + (1 - a_i) A_i, so it is exact at a = 1 (no division by
-1 - a where that can be 0). Memory: the forward keeps its outputs plus two per-ray scalars (number of
-sections marched, transmittance of the last one); no per-sample tensor is ever stored.
+back to front: dL/da_i = T_i (u_i - A_i) with u_i = <g_feat, f_mid> + g_depth t_mid + g_opac the section's
+upstream value and A_i the "rendering from i+1 on" recursion A_{i-1} = a_i u_i + (1 - a_i) A_i (no
+total-minus-prefix cancellation). T_i is rebuilt from the saved T of the last marched section as
+T_{i+1} / (1 - a_i), a division that only happens where section i+1 was marched, i.e. 1 - a_i >= 1e-4 / T_i,
+so a = 1 exactly gives exact, finite gradients. Memory: the forward keeps its outputs plus two per-ray
+scalars (sections marched, T of the last one); no per-sample tensor is ever stored, the backward's extra
+memory is the fp32 gradient buffers (volume-sized, and (B, R, S) for t_vals).
 
 dtypes: volume fp32 / bf16 / fp16 / fp64, rays fp32 / fp64 (or low precision); arithmetic in fp32
 (fp64 when any input is fp64); outputs in the promoted dtype of volume, origins, dirs and t_vals.
@@ -681,10 +684,13 @@ def _validate_public(volume, origins, dirs, t_vals, inv_s):
     if not isinstance(inv_s, torch.Tensor) and isinstance(inv_s, (int, float)):
         inv_s = torch.tensor(float(inv_s), dtype=torch.float32, device=volume.device)
     _check_inputs(volume, origins, dirs, t_vals, inv_s)
-    if t_vals.numel():
-        # one host sync: sortedness of t along S (NaN compares false and is allowed through)
-        if bool((t_vals[..., 1:] < t_vals[..., :-1]).any()):
-            raise ValueError("t_vals: must be sorted ascending along the sample dim (S)")
+    # one host sync for the value checks: t sorted along S (NaN compares false and passes), inv_s > 0
+    unsorted = (t_vals[..., 1:] < t_vals[..., :-1]).any() if t_vals.numel() else torch.zeros((), dtype=torch.bool)
+    bad = torch.stack([unsorted.to(inv_s.device), ~(inv_s.reshape(()) > 0)]).tolist()
+    if bad[0]:
+        raise ValueError("t_vals: must be sorted ascending along the sample dim (S)")
+    if bad[1]:
+        raise ValueError(f"inv_s: must be positive and finite (NeuS sharpness), got {inv_s.reshape(()).item()}")
     return inv_s
 
 

@@ -12,7 +12,7 @@ from kernels import render_sdf, render_sdf_ref, sdf_gradient_ref
 from tests.tolerance import assert_close_fa
 
 SR = importlib.import_module("kernels.sdf_render")
-INTERP_BLOCK_R = 128   # rays per program under the interpreter (kernels/sdf_render._pick_blocks)
+INTERP_BLOCK_R = SR._pick_blocks(gpu=False)[0]   # rays per program under the interpreter
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -125,6 +125,12 @@ def test_forward_matches_reference(case):
                                                             torch.float16]))
 def test_forward_backward_matches_reference(case, vol_dtype):
     check_vs_reference(inputs_for(*case), vol_dtype=vol_dtype, seed=case[-1])
+
+
+@pytest.mark.parametrize("vol_dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_volume(vol_dtype):
+    # bf16 / fp16 loads, fp32 arithmetic and fp32 atomics, gradient cast back to the volume's dtype
+    check_vs_reference(inputs_for(1, 6, 5, 4, 2, 3, 4, 20.0, 17), vol_dtype=vol_dtype)
 
 
 def test_fp64_matches_reference_to_rounding():
@@ -337,6 +343,8 @@ def test_bad_inputs_raise_value_error():
         ((vol, o, d[:, :4], t, s), "dirs"),
         ((vol, o, d, t[:, :3], s), "t_vals"),
         ((vol, o, d, t, torch.ones(2)), "inv_s"),
+        ((vol, o, d, t, torch.tensor(-1.0)), "inv_s.*positive"),
+        ((vol, o, d, t, torch.tensor(float("nan"))), "inv_s.*positive"),
         ((vol, torch.zeros(2, 5, 3), d, t, s), "origins"),
         ((torch.randn(1, SR.MAX_FEATURES + 2, 2, 2, 2), o, d, t, s), "volume"),
     ]
@@ -360,8 +368,12 @@ def test_cpu_dispatch_uses_reference(monkeypatch):
 def test_opcheck():
     inp = [x.float() for x in inputs_for(1, 5, 4, 3, 2, 3, 3, 8.0, 2)]
     args = tuple(x.requires_grad_(i != 4) for i, x in enumerate(inp))
-    torch.library.opcheck(torch.ops.nano4d.render_sdf.default, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.nano4d.render_sdf.default, args)
+    with torch.no_grad():
+        feat, depth, opac, nsec, tlast = torch.ops.nano4d.render_sdf(*args)
+    bargs = (torch.randn_like(feat), torch.randn_like(depth), torch.randn_like(opac),
+             *[x.detach() for x in args], nsec, tlast)
+    torch.library.opcheck(torch.ops.nano4d.render_sdf_backward.default, bargs)
 
 
 # ----------------------------------------------------------------------------- sdf_gradient_ref
