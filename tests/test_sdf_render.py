@@ -1,6 +1,5 @@
 """NeuS SDF ray marching: Triton kernel (interpreted on CPU) vs the grid_sample + cumprod reference."""
 import importlib
-import math
 
 import pytest
 import torch
