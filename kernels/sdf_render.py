@@ -161,7 +161,8 @@ def _sample_bwd(sdf_ptr, fv_ptr, vb, px, py, pz, gf_ptr, offs_r, X, Y, Z, NF, ma
 @triton.jit
 def _scatter_bwd(gsdf_ptr, gfv_ptr, vb, px, py, pz, gsdf, cf, gf_ptr, offs_r, X, Y, Z, NF, mask_r,
                  CDT: tl.constexpr, BLOCK_F: tl.constexpr):
-    """grad[corners] += trilinear weight * (gsdf, cf * g_feat), fp32/fp64 atomics."""
+    """grad[corners] += trilinear weight * (gsdf, cf * g_feat): fp32/fp64 atomics, relaxed ordering (pure
+    accumulation; the default acq_rel adds a fence per atomic)."""
     ox0, ox1, vx0, vx1, wx0, wx1, _sx = _axis(px, X, 1, CDT)
     oy0, oy1, vy0, vy1, wy0, wy1, _sy = _axis(py, Y, X, CDT)
     oz0, oz1, vz0, vz1, wz0, wz1, _sz = _axis(pz, Z, X * Y, CDT)
@@ -169,7 +170,7 @@ def _scatter_bwd(gsdf_ptr, gfv_ptr, vb, px, py, pz, gsdf, cf, gf_ptr, offs_r, X,
         ok = mask_r & (vx1 if c & 1 else vx0) & (vy1 if c & 2 else vy0) & (vz1 if c & 4 else vz0)
         off = vb + (ox1 if c & 1 else ox0) + (oy1 if c & 2 else oy0) + (oz1 if c & 4 else oz0)
         w = (wx1 if c & 1 else wx0) * (wy1 if c & 2 else wy0) * (wz1 if c & 4 else wz0)
-        tl.atomic_add(gsdf_ptr + off, w * gsdf, mask=ok)
+        tl.atomic_add(gsdf_ptr + off, w * gsdf, mask=ok, sem="relaxed")
     for f0 in range(0, NF, BLOCK_F):
         offs_f = f0 + tl.arange(0, BLOCK_F)
         mask_f = offs_f < NF
@@ -180,7 +181,7 @@ def _scatter_bwd(gsdf_ptr, gfv_ptr, vb, px, py, pz, gsdf, cf, gf_ptr, offs_r, X,
             off = vb + (ox1 if c & 1 else ox0) + (oy1 if c & 2 else oy0) + (oz1 if c & 4 else oz0)
             w = (wx1 if c & 1 else wx0) * (wy1 if c & 2 else wy0) * (wz1 if c & 4 else wz0)
             tl.atomic_add(gfv_ptr + off[:, None] * NF + offs_f[None, :], (w * cf)[:, None] * gfeat,
-                          mask=ok[:, None] & mask_f[None, :])
+                          mask=ok[:, None] & mask_f[None, :], sem="relaxed")
 
 
 @triton.jit
