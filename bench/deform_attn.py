@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -35,6 +34,10 @@ import triton  # noqa: E402
 
 import kernels  # noqa: E402,F401  (registers torch.ops.nano4d.deform_attn)
 from kernels.deform_attn import deform_attn_ref  # noqa: E402
+if __package__:  # imported as bench.<op>
+    from ._common import fmt_mib, median_ms, peak_mib  # noqa: E402
+else:  # run as `python bench/<op>.py`: bench/ is sys.path[0]
+    from _common import fmt_mib, median_ms, peak_mib  # noqa: E402
 
 # name: (B, Q, H, D, [(H_m, W_m)], P)
 CASES = {
@@ -67,29 +70,6 @@ def make(case, dtype, device, seed=0):
     return (value.to(**to), ss.to(device), starts.to(device), loc.to(**to), w.to(**to)), gout.to(**to)
 
 
-def timeit(fn, cuda: bool, reps: int):
-    if cuda:
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
-
-
-def peak_mem(fn, cuda: bool):
-    if not cuda:
-        return float("nan")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def bench_one(name, case, dtype, device, impls, reps):
     cuda = device.type == "cuda"
     (value, ss, starts, loc, w), gout = make(case, dtype, device)
@@ -113,15 +93,14 @@ def bench_one(name, case, dtype, device, impls, reps):
             if ref_out is None:
                 ref_out = out.float()
             err = (out.float() - ref_out).abs().max().item()
-            t_f, m_f = timeit(fwd, cuda, reps), peak_mem(fwd, cuda)
-            t_fb, m_fb = timeit(fwd_bwd, cuda, reps), peak_mem(fwd_bwd, cuda)
+            t_f, m_f = median_ms(fwd, cuda, reps), peak_mib(fwd, cuda)
+            t_fb, m_fb = median_ms(fwd_bwd, cuda, reps), peak_mib(fwd_bwd, cuda)
         except torch.cuda.OutOfMemoryError:
             rows.append(f"| {name} | {str(dtype)[6:]} | {impl} | OOM | | | | | | |")
             torch.cuda.empty_cache()
             continue
-        mib = lambda m: "n/a" if m != m else f"{m:.0f}"  # noqa: E731  (NaN: no CUDA allocator on CPU)
-        rows.append(f"| {name} | {str(dtype)[6:]} | {impl} | {t_f:.3f} | {mib(m_f)} | {sampled / t_f / 1e6:.3g} | "
-                    f"{t_fb:.3f} | {mib(m_fb)} | {3 * sampled / t_fb / 1e6:.3g} | {err:.1e} |")
+        rows.append(f"| {name} | {str(dtype)[6:]} | {impl} | {t_f:.3f} | {fmt_mib(m_f)} | {sampled / t_f / 1e6:.3g} | "
+                    f"{t_fb:.3f} | {fmt_mib(m_fb)} | {3 * sampled / t_fb / 1e6:.3g} | {err:.1e} |")
         del leaves
     return rows
 

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 TINY = "--tiny" in sys.argv
 if TINY:
@@ -42,6 +40,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from kernels.patch_attn import patch_attention, patch_attention_ref  # noqa: E402
+if __package__:  # imported as bench.<op>
+    from ._common import fmt_mib, median_ms, peak_mib  # noqa: E402
+else:  # run as `python bench/<op>.py`: bench/ is sys.path[0]
+    from _common import fmt_mib, median_ms, peak_mib  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- cases
@@ -122,27 +124,7 @@ def make_impls(B, H, N, D, seg, device, dtype, tiny):
 
 
 def bench_fn(fn, device, reps):
-    if device == "cuda":
-        import triton.testing
-        return triton.testing.do_bench(fn, warmup=25, rep=reps * 10, return_mode="median")
-    fn()  # warm-up (interpreter / first call)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
-
-
-def peak_mb(fn, device):
-    if device != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return median_ms(fn, device == "cuda", reps, warmup=25, rep=reps * 10)
 
 
 def main():
@@ -185,7 +167,7 @@ def main():
                     o = fn(q, k, v)
                     torch.autograd.grad(o, (q, k, v), do)
                 t_fb = bench_fn(fb, device, reps)
-                mem = peak_mb(fb, device)
+                mem = peak_mib(fb, device == "cuda")
             except Exception as e:  # noqa: BLE001 - OOM / unsupported baseline: report and continue
                 print(f"| {name} | {B} | {H} | {N} | {D} | {impl} | failed: {type(e).__name__}: "
                       f"{str(e).splitlines()[0][:80]} | | | | | |")
@@ -194,9 +176,8 @@ def main():
         base = {r[0]: r for r in rows}.get("nano4d")
         for impl, t_f, t_fb, mem in rows:
             ratio = (t_fb / base[2]) if base else float("nan")
-            mem_s = "-" if mem != mem else f"{mem:.0f}"
             print(f"| {name} | {B} | {H} | {N} | {D} | {impl} | {t_f:.3f} | {flops_fwd / t_f * 1e-9:.3g} | "
-                  f"{t_fb:.3f} | {3.5 * flops_fwd / t_fb * 1e-9:.3g} | {mem_s} | {ratio:.2f}x |")
+                  f"{t_fb:.3f} | {3.5 * flops_fwd / t_fb * 1e-9:.3g} | {fmt_mib(mem, '-')} | {ratio:.2f}x |")
         del q, k, v, do
         if device == "cuda":
             torch.cuda.empty_cache()

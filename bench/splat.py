@@ -16,13 +16,16 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+
+if __package__:  # imported as bench.<op>
+    from ._common import median_ms, peak_mib  # noqa: E402
+else:  # run as `python bench/<op>.py`: bench/ is sys.path[0]
+    from _common import median_ms, peak_mib  # noqa: E402
 
 
 def camera_ring(B, V, W, H, radius=2.2, fov_deg=40.0, device="cpu"):
@@ -62,28 +65,6 @@ def intersections(gs, vm, K, W, H):
     return ids.numel()
 
 
-def time_cpu(fn, reps=3):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
-
-
-def time_gpu(fn):
-    import triton
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    ms = triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")
-    return ms, peak
-
-
 def run_case(name, B, V, N, C, W, H, impls, device, reps=3):
     gs = make_gaussians(B, N, C, device)
     vm, K = camera_ring(B, V, W, H, device=device)
@@ -102,12 +83,12 @@ def run_case(name, B, V, N, C, W, H, impls, device, reps=3):
             c, a, d = fn(*params, vm, K, W, H, bg)
             (c.square().mean() + a.mean() + 1e-2 * d.mean()).backward()
         try:
-            if device == "cuda":
-                ms_f, mem_f = time_gpu(fwd)
-                ms_b, mem_b = time_gpu(fwd_bwd)
-            else:
-                ms_f, mem_f = time_cpu(fwd, reps), float("nan")
-                ms_b, mem_b = time_cpu(fwd_bwd, reps), float("nan")
+            cuda = device == "cuda"
+            # peak memory first (its call doubles as the GPU warm-up), then the median time
+            mem_f = peak_mib(fwd, cuda)
+            ms_f = median_ms(fwd, cuda, reps, warmup=5, rep=50)
+            mem_b = peak_mib(fwd_bwd, cuda)
+            ms_b = median_ms(fwd_bwd, cuda, reps, warmup=5, rep=50)
         except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. the reference out of memory
             rows.append(f"| {name} | {label} | failed: {type(e).__name__}: {str(e).splitlines()[0][:60]} | | | | |")
             if device == "cuda":
