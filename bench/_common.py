@@ -49,3 +49,11 @@ def peak_mib(fn, cuda: bool) -> float:
 def fmt_mib(m: float, na: str = "n/a") -> str:
     """A :func:`peak_mib` value for a table cell: whole MiB, ``na`` for NaN (CPU)."""
     return na if m != m else f"{m:.0f}"
+
+
+def print_header(op: str, cuda: bool) -> None:
+    """The first lines of a benchmark table: op, date, device and torch/triton versions."""
+    import triton
+    dev_name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter: times are NOT kernel speed)"
+    print(f"# {op} benchmark  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"device: {dev_name}; torch {torch.__version__}; triton {triton.__version__}\n")

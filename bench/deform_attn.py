@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
@@ -30,14 +29,12 @@ if not torch.cuda.is_available():  # must precede the first triton import
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import triton  # noqa: E402
-
 import kernels  # noqa: E402,F401  (registers torch.ops.nano4d.deform_attn)
 from kernels.deform_attn import deform_attn_ref  # noqa: E402
 if __package__:  # imported as bench.<op>
-    from ._common import fmt_mib, median_ms, peak_mib  # noqa: E402
+    from ._common import fmt_mib, median_ms, peak_mib, print_header  # noqa: E402
 else:  # run as `python bench/<op>.py`: bench/ is sys.path[0]
-    from _common import fmt_mib, median_ms, peak_mib  # noqa: E402
+    from _common import fmt_mib, median_ms, peak_mib, print_header  # noqa: E402
 
 # name: (B, Q, H, D, [(H_m, W_m)], P)
 CASES = {
@@ -129,9 +126,7 @@ def main():
     if not args.no_compile and (args.compile or not args.tiny):
         impls["compile(ref)"] = torch.compile(deform_attn_ref, dynamic=False)
 
-    dev_name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter: times are NOT kernel speed)"
-    print(f"# deform_attn benchmark  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"device: {dev_name}; torch {torch.__version__}; triton {triton.__version__}\n")
+    print_header("deform_attn", cuda)
     print("| case | dtype | impl | fwd ms | fwd MiB | fwd GB/s | fwd+bwd ms | fwd+bwd MiB | fwd+bwd GB/s "
           "| max err vs ref |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
@@ -31,14 +30,12 @@ if not torch.cuda.is_available():  # must precede the first triton import
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import triton  # noqa: E402
-
 import kernels  # noqa: E402,F401  (registers torch.ops.nano4d.render_sdf)
 from kernels.sdf_render import render_sdf_ref  # noqa: E402
 if __package__:  # imported as bench.<op>
-    from ._common import fmt_mib, median_ms, peak_mib  # noqa: E402
+    from ._common import fmt_mib, median_ms, peak_mib, print_header  # noqa: E402
 else:  # run as `python bench/<op>.py`: bench/ is sys.path[0]
-    from _common import fmt_mib, median_ms, peak_mib  # noqa: E402
+    from _common import fmt_mib, median_ms, peak_mib, print_header  # noqa: E402
 
 # name: (B, C, Z, Y, X, R, S)
 CASES = {
@@ -141,9 +138,7 @@ def main():
     if not args.no_compile and (args.compile or not args.tiny):
         impls["compile(ref)"] = torch.compile(render_sdf_ref, dynamic=False)
 
-    dev_name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter: times are NOT kernel speed)"
-    print(f"# sdf_render benchmark  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"device: {dev_name}; torch {torch.__version__}; triton {triton.__version__}\n")
+    print_header("sdf_render", cuda)
     print("| case | vol dtype | impl | fwd ms | fwd MiB | fwd Msamples/s | fwd+bwd ms | fwd+bwd MiB "
           "| fwd+bwd Msamples/s | max err vs ref | sections marched |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -395,6 +395,11 @@ def fscore(pred: torch.Tensor, gt: torch.Tensor, tau: float = 0.2, max_elems: in
     Returns (f, precision, recall), each a scalar or (B,)."""
     d_pg, _ = nearest_neighbors(pred, gt, max_elems)
     d_gp, _ = nearest_neighbors(gt, pred, max_elems)
+    return _fscore_from_sq_dists(d_pg, d_gp, tau)
+
+
+def _fscore_from_sq_dists(d_pg: torch.Tensor, d_gp: torch.Tensor, tau: float):
+    """(f, precision, recall) from squared nearest-neighbour distances in both directions."""
     precision = (d_pg.detach() <= tau * tau).float().mean(-1)
     recall = (d_gp.detach() <= tau * tau).float().mean(-1)
     denom = precision + recall
@@ -406,10 +411,7 @@ def point_cloud_metrics(pred: torch.Tensor, gt: torch.Tensor, tau: float = 0.2, 
     """{'cd', 'fscore', 'precision', 'recall'} with one nearest-neighbour pass in each direction."""
     d_pg, _ = nearest_neighbors(pred, gt, max_elems)
     d_gp, _ = nearest_neighbors(gt, pred, max_elems)
-    precision = (d_pg.detach() <= tau * tau).float().mean(-1)
-    recall = (d_gp.detach() <= tau * tau).float().mean(-1)
-    denom = precision + recall
-    f = torch.where(denom > 0, 2 * precision * recall / denom.clamp_min(1e-12), torch.zeros_like(denom))
+    f, precision, recall = _fscore_from_sq_dists(d_pg, d_gp, tau)
     return {"cd": d_pg.mean(-1) + d_gp.mean(-1), "fscore": f, "precision": precision, "recall": recall}
 
 
