@@ -8,7 +8,7 @@ Stage ``all`` trains the proposal network on occupancy (BCE + scene-class affini
 reconstruction network on renders of its Gaussians in target views (inputs + other views, on random backgrounds).
 Held-out objects are evaluated on novel views (PSNR/SSIM/LPIPS vs a mean-colour baseline, occupancy IoU);
 at the end the run dir holds model.safetensors, preview.png, metrics.json and held-out .ply files.
-``--data DIR``: a folder of GObjaverse-layout objects (``nano4d.data.read_gobjaverse_object``); the last
+``--data DIR``: a folder of GObjaverse-layout objects (``nano4d.data.gobjaverse.read_gobjaverse_object``); the last
 ``num_eval`` objects are held out. Without an occupancy.npy the target is binned from the depth maps.
 """
 from __future__ import annotations
@@ -25,8 +25,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nano4d import utils as U
+from nano4d.cameras import look_at
+from nano4d.data.gobjaverse import list_objects, occupancy_from_depth, read_gobjaverse_object
+from nano4d.data.objects import ProceduralObjects
 from nano4d.geolrm import (PRESETS, GeoLRM, GeoLRMConfig, load_dinov2_hf, occupancy_iou, occupancy_loss,
                            recon_loss, render)
+from nano4d.metrics import psnr, ssim
 from nano4d.ply import save_ply
 
 
@@ -73,26 +77,12 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- data
 
 
-def occupancy_from_depth(depths, alphas, c2w, K, R: int):
-    """Surface occupancy (R, R, R) (Z, Y, X) over [-0.5, 0.5]^3 from z-depth maps (as GeoLRM's GT tool)."""
-    occ = torch.zeros(R ** 3)
-    o, d = U.camera_rays(c2w, K, *depths.shape[-2:])                               # (V, H, W, 3), unit d
-    z_per_t = (d * c2w[:, None, None, :3, 2]).sum(-1)                              # z-depth per unit length
-    m = (alphas[:, 0] > 0.5) & (depths[:, 0] > 0)
-    p = o[m] + d[m] * (depths[:, 0][m] / z_per_t[m])[:, None]
-    i = ((p + 0.5) * R).floor().long()
-    i = i[((i >= 0) & (i < R)).all(-1)]
-    occ[(i[:, 2] * R + i[:, 1]) * R + i[:, 0]] = 1
-    return occ.view(R, R, R)
-
-
 def load_objects(tc: TrainConfig, mc: GeoLRMConfig, split: str, n: int, views: int, rank: int, world: int):
     """This rank's share of the objects: dicts of images (V,3,H,W) on white, alphas, depths, c2w, K, occupancy."""
     idx = list(range(rank, n, world))
     if tc.data:
-        dirs = sorted(os.path.join(tc.data, d) for d in os.listdir(tc.data) if os.path.isdir(os.path.join(tc.data, d)))
+        dirs = [os.path.join(tc.data, d) for d in list_objects(tc.data)]
         dirs = dirs[:-tc.num_eval] if split == "train" else dirs[-tc.num_eval:]
-        from nano4d.data import read_gobjaverse_object
         objs = []
         for i in range(rank, len(dirs), world):
             r = read_gobjaverse_object(dirs[i])
@@ -110,7 +100,6 @@ def load_objects(tc: TrainConfig, mc: GeoLRMConfig, split: str, n: int, views: i
                 occupancy_from_depth(r["depths"], r["alphas"], r["c2w"], r["K"], mc.occ_res)
             objs.append(o)
         return objs
-    from nano4d.data import ProceduralObjects
     ds = ProceduralObjects(num_objects=n, num_views=views, res=tc.res, seed=tc.seed, split=split,
                            occ_res=mc.occ_res, occ_mode="surface", num_surface_points=0, background="white")
     keys = ("images", "alphas", "depths", "c2w", "K", "occupancy")
@@ -180,10 +169,10 @@ def evaluate(model, objs, tc: TrainConfig, stage: str, lpips_fn, n_inputs=None, 
         out = render(g, x["c2w"][:, tv], x["K"][:, tv], tc.res, tc.res, background=torch.ones(1, T, 3, device=dev))
         pred, gt = out["rgb"][0].clamp(0, 1), x["images"][0, tv]
         base = gt.mean((2, 3), keepdim=True).expand_as(gt)
-        sums[2] += U.psnr(pred, gt).sum()
-        sums[3] += U.ssim(pred, gt).sum()
-        sums[5] += U.psnr(base, gt).sum()
-        sums[6] += U.ssim(base, gt).sum()
+        sums[2] += psnr(pred, gt).sum()
+        sums[3] += ssim(pred, gt).sum()
+        sums[5] += psnr(base, gt).sum()
+        sums[6] += ssim(base, gt).sum()
         if lpips_fn is not None:
             sums[4] += lpips_fn(pred, gt).sum()
             sums[7] += lpips_fn(base, gt).sum()
@@ -228,7 +217,7 @@ def turntable(g: dict, K, res: int, n: int, distance: float, elevation_deg: floa
     az = torch.arange(n, dtype=torch.float64) * (2 * math.pi / n)
     el = math.radians(elevation_deg)
     eye = distance * torch.stack([math.cos(el) * az.cos(), math.cos(el) * az.sin(), torch.full_like(az, math.sin(el))], -1)
-    c2w = U.look_at(eye, torch.zeros(3, dtype=torch.float64)).float()
+    c2w = look_at(eye, torch.zeros(3, dtype=torch.float64)).float()
     dev = g["means"].device
     out = render({k: v[None] for k, v in g.items()}, c2w[None].to(dev), K.expand(1, n, 3, 3).to(dev), res, res,
                  background=torch.ones(1, n, 3, device=dev))
@@ -250,7 +239,6 @@ def infer_main(tc: TrainConfig):
         obj = torch.load(tc.infer, weights_only=True)
         images = obj["images"].float()
     else:
-        from nano4d.data import read_gobjaverse_object
         obj = read_gobjaverse_object(tc.infer, [int(v) for v in tc.infer_views.split(",")] if tc.infer_views else None)
         images = obj["images"] * obj["alphas"] + 1 - obj["alphas"]                 # straight colour -> on white
     c2w, K = obj["c2w"].float(), obj["K"].float()

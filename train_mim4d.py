@@ -22,9 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nano4d.data.driving import ProceduralDriving
+from nano4d.data.rig import RigDataset, lidar_to_depths
+from nano4d.metrics import psnr
 from nano4d.mim4d import MIM4D, PRESETS, MIM4DConfig
 from nano4d.utils import (ProgressLogger, cleanup_dist, config_to_dict, is_main, load_resume,
-                          lr_at, parse_config, print0, psnr, save_checkpoint, save_image_grid, save_json,
+                          lr_at, parse_config, print0, save_checkpoint, save_image_grid, save_json,
                           setup_dist)
 
 
@@ -49,33 +52,13 @@ class TrainConfig:
     resume: bool = True
 
 
-def lidar_to_depths(lidar, mask, K, cam2ego, H, W):
-    """Sparse per-camera z-depth maps (T, N, 1, H, W) from ego-frame LiDAR points (T, P, 3) (nearest wins)."""
-    T, N = lidar.shape[0], K.shape[0]
-    out = torch.zeros(T, N, H * W)
-    ego2cam = torch.linalg.inv(cam2ego)
-    for t in range(T):
-        p = lidar[t][mask[t]]
-        for n in range(N):
-            c = p @ ego2cam[n, :3, :3].T + ego2cam[n, :3, 3]
-            uv = (c @ K[n].T)[:, :2] / c[:, 2:].clamp_min(1e-6)
-            ok = (c[:, 2] > 0.1) & (uv[:, 0] >= 0) & (uv[:, 0] < W) & (uv[:, 1] >= 0) & (uv[:, 1] < H)
-            idx = uv[ok, 1].long() * W + uv[ok, 0].long()
-            z = c[ok, 2]
-            order = torch.argsort(z, descending=True)                   # write far first, near last
-            out[t, n, idx[order]] = z[order]
-    return out.view(T, N, 1, H, W)
-
-
 def make_data(tc: TrainConfig, mc: MIM4DConfig, split: str, rank: int, world: int):
     """A list of samples for this rank (rendered/loaded once; the tiny CPU run cycles over them)."""
     if tc.data:
-        from nano4d.rig import RigDataset
         ds = RigDataset(tc.data, num_frames=mc.num_frames, res=mc.img_size)
         n = len(ds)
         ids = list(range(n))[: max(1, n // 10)] if split == "val" else list(range(n))[max(1, n // 10):] or [0]
     else:
-        from nano4d.driving import ProceduralDriving
         n = tc.train_scenes if split == "train" else tc.val_scenes
         ds = ProceduralDriving(num_scenes=n, num_frames=mc.num_frames, res=mc.img_size, split=split, seed=tc.seed)
         ids = list(range(n))

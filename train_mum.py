@@ -9,7 +9,7 @@ Each step draws V uniformly in [min_views, max_views] and a batch of floor(image
 (dynamic batching, as the official code); each view gets its own RandomResizedCrop(scale 0.2-1) + flip.
 AdamW (0.9, 0.95), wd 0.05 except norms/biases/tokens, lr = blr * images_per_step / 256, warmup + cosine.
 Writes out_dir/{model.safetensors, resume.pt, log.jsonl, preview_*.png, match.json}; resumes from out_dir.
-Data: procedural multi-view objects (nano4d.data.ProceduralObjects, rendered on the fly, cached) by default;
+Data: procedural multi-view objects (nano4d.data.objects.ProceduralObjects, rendered on the fly, cached) by default;
 --data DIR reads a GObjaverse-layout folder (<obj>/<view:05d>/<view:05d>.png) or image-sequence folders
 (<sequence>/*.png|jpg: video frames or photos of one scene, no poses); the last sequences are held out.
 """
@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nano4d.data.gobjaverse import GObjaverseDataset
+from nano4d.data.objects import ProceduralObjects
+from nano4d.data.sequences import ImageSequenceFolder
 from nano4d.mum import PRESETS, MuM, MuMConfig, configure_optimizer
 from nano4d.utils import (ProgressLogger, all_reduce_mean, cleanup_dist, config_to_dict, is_main, load_resume, lr_at,
                           parse_config, print0, save_checkpoint, save_image_grid, save_json, setup_dist)
@@ -64,18 +67,17 @@ class TrainConfig:
 def make_datasets(tc: TrainConfig, rank: int, world: int):
     """-> (train, held-out) `Views`. Procedural: objects rendered lazily and cached (uint8 in memory, and
     on disk in cache_dir); rank r trains on objects r, r + world, ... (no duplicated rendering)."""
-    from nano4d import data as D, loaders
     if not tc.data:
         kw = dict(res=tc.src_res, seed=tc.seed, occ_res=0, num_surface_points=0, background="random",
                   cache_dir=tc.cache_dir or None)
-        train = D.ProceduralObjects(num_objects=tc.num_objects, num_views=tc.max_views, split="train", **kw)
-        held = D.ProceduralObjects(num_objects=tc.eval_objects, num_views=tc.eval_views, split="val", **kw)
+        train = ProceduralObjects(num_objects=tc.num_objects, num_views=tc.max_views, split="train", **kw)
+        held = ProceduralObjects(num_objects=tc.eval_objects, num_views=tc.eval_views, split="val", **kw)
         return Views(train, range(rank, len(train), world), cache=True), Views(held, range(len(held)), cache=True)
     sub = [os.path.join(tc.data, d) for d in sorted(os.listdir(tc.data)) if os.path.isdir(os.path.join(tc.data, d))]
     if sub and any(len(n) == 5 and n.isdigit() for n in os.listdir(sub[0])):      # <obj>/<view:05d>/...
-        ds, pass_v = loaders.GObjaverseDataset(tc.data, num_views=tc.max_views, res=tc.src_res, seed=tc.seed), False
+        ds, pass_v = GObjaverseDataset(tc.data, num_views=tc.max_views, res=tc.src_res, seed=tc.seed), False
     else:                                                                          # <sequence>/*.png|jpg
-        ds, pass_v = loaders.ImageSequenceFolder(tc.data, views=(1, tc.max_views), res=tc.src_res, seed=tc.seed), True
+        ds, pass_v = ImageSequenceFolder(tc.data, views=(1, tc.max_views), res=tc.src_res, seed=tc.seed), True
     n_held = min(tc.eval_objects, max(1, len(ds) // 10))
     train_ids = list(range(len(ds) - n_held))
     return (Views(ds, train_ids[rank::world], pass_v=pass_v),

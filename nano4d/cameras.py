@@ -4,7 +4,8 @@
 (..., 3, 3) in pixels, pixel (row i, col j) has its centre at (u, v) = (j + 0.5, i + 0.5). Quaternions are
 (w, x, y, z), normalized inside. Plücker rays are (d, o x d) with unit d. Converters from other conventions
 (OpenGL/Blender, normalized intrinsics, fields of view, quaternion + translation poses) are tested in
-tests/test_utils.py. Everything here is re-exported by ``nano4d.utils``.
+tests/test_cameras.py. Ray construction (``camera_rays``) and ray/box slab intersection (``ray_aabb``) are
+written once, here, for every data module.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+
 
 def look_at(eye: torch.Tensor, target: torch.Tensor, up=(0.0, 0.0, 1.0)) -> torch.Tensor:
     """OpenCV c2w (..., 4, 4) of a camera at ``eye`` looking at ``target``; ``up`` is the world up
@@ -99,6 +101,17 @@ def camera_rays(c2w: torch.Tensor, K: torch.Tensor, height: int, width: int):
     d = F.normalize(d_cam @ c2w[..., None, :3, :3].transpose(-1, -2), dim=-1)
     o = c2w[..., None, None, :3, 3].expand_as(d)
     return o, d
+
+
+def ray_aabb(o: torch.Tensor, d: torch.Tensor, lo, hi, eps: float = 1e-12):
+    """Slab intersection of rays o, d (..., 3) with axis-aligned boxes [lo, hi] (broadcasting; floats or
+    (..., 3) tensors) -> (t_near, t_far, axis), each (...): the ray enters at ``t_near`` through a face
+    normal to ``axis`` and leaves at ``t_far``; it misses when t_far < t_near. Direction components with
+    |d| < eps are replaced by +eps (so rays parallel to a slab stay finite)."""
+    inv = 1.0 / torch.where(d.abs() < eps, torch.full_like(d, eps), d)
+    ta, tb = (lo - o) * inv, (hi - o) * inv
+    t_near, axis = torch.minimum(ta, tb).max(-1)
+    return t_near, torch.maximum(ta, tb).min(-1).values, axis
 
 
 def plucker_rays(c2w: torch.Tensor, K: torch.Tensor, height: int, width: int) -> torch.Tensor:

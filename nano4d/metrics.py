@@ -1,7 +1,9 @@
-"""Evaluation metrics shared by the training and evaluation scripts: LPIPS, Chamfer distance, F-score
-(plus PSNR / SSIM re-exported from ``nano4d.utils``), all with one convention.
+"""Evaluation metrics shared by the training and evaluation scripts: PSNR, SSIM, LPIPS, Chamfer distance,
+F-score, all with one convention.
 
 Images: tensors (N, 3, H, W) with values in [0, 1]; every image metric returns one value per image, (N,).
+PSNR in dB (+inf for identical images), computed in float64. SSIM (Wang et al. 2004): Gaussian window 11,
+sigma 1.5, K1 = 0.01, K2 = 0.03, 'valid' filtering, averaged over channels and positions.
 Point clouds: tensors (N, D) or batched (B, N, D); point metrics return a scalar or (B,).
 
 LPIPS (Zhang et al. 2018, v0.1): for each of 5 backbone layers l, features f_l (N, C_l, H_l, W_l) of the
@@ -59,8 +61,38 @@ __all__ = [
     "nearest_neighbors", "chamfer_distance", "fscore", "point_cloud_metrics",
 ]
 
-# PSNR / SSIM live in nano4d.utils (same convention: (N, C, H, W) in [0, 1] -> (N,)); re-exported here.
-from nano4d.utils import psnr, ssim  # noqa: E402
+# ============================================================================ PSNR / SSIM
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, max_val: float = 1.0) -> torch.Tensor:
+    """Per-image PSNR in dB for (N, C, H, W) (or (C, H, W)) images in [0, max_val]; +inf when identical."""
+    a, b = (a[None], b[None]) if a.ndim == 3 else (a, b)
+    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(max_val ** 2 / mse)).float()  # mse = 0 -> +inf (no error)
+
+
+def _gauss_window(size: int = 11, sigma: float = 1.5, dtype=torch.float64, device=None) -> torch.Tensor:
+    x = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, max_val: float = 1.0, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004): Gaussian window 11, sigma 1.5, K1=0.01, K2=0.03, 'valid' filtering,
+    averaged over channels and positions. (N, C, H, W) or (C, H, W) in [0, max_val]."""
+    a, b = (a[None], b[None]) if a.ndim == 3 else (a, b)
+    a, b = a.double(), b.double()
+    C = a.shape[1]
+    win = min(window, a.shape[-1], a.shape[-2])
+    g = _gauss_window(win, sigma, device=a.device)
+    w = (g[:, None] * g[None, :]).expand(C, 1, win, win)
+    f = lambda x: F.conv2d(x, w, groups=C)  # noqa: E731
+    mu_a, mu_b = f(a), f(b)
+    saa, sbb, sab = f(a * a) - mu_a ** 2, f(b * b) - mu_b ** 2, f(a * b) - mu_a * mu_b
+    c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
+    s = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (saa + sbb + c2))
+    return s.flatten(1).mean(1).float()
+
 
 # ============================================================================ LPIPS weights
 

@@ -16,12 +16,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-
-from nano4d.cameras import (c2w_to_w2c, camera_rays, fov_to_K, invert_pose, look_at,  # noqa: F401 (re-exported)
-                            normalized_to_pixel_K, opencv_to_opengl, opengl_to_opencv, pixel_centers,
-                            pixel_to_normalized_K, plucker_rays, pose_from_quat_trans, project_points,
-                            quat_to_rotmat, rotmat_to_quat, w2c_to_c2w)
 
 # ============================================================================ config flags
 
@@ -337,39 +331,6 @@ class ProgressLogger:
 def _fmt_time(s: float) -> str:
     s = int(s)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-# ============================================================================ image metrics
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor, max_val: float = 1.0) -> torch.Tensor:
-    """Per-image PSNR in dB for (N, C, H, W) (or (C, H, W)) images in [0, max_val]; +inf when identical."""
-    a, b = (a[None], b[None]) if a.ndim == 3 else (a, b)
-    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
-    return (10 * torch.log10(max_val ** 2 / mse)).float()  # mse = 0 -> +inf (no error)
-
-
-def _gauss_window(size: int = 11, sigma: float = 1.5, dtype=torch.float64, device=None) -> torch.Tensor:
-    x = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    return g / g.sum()
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor, max_val: float = 1.0, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Per-image SSIM (Wang et al. 2004): Gaussian window 11, σ=1.5, K1=0.01, K2=0.03, 'valid' filtering,
-    averaged over channels and positions. (N, C, H, W) or (C, H, W) in [0, max_val]."""
-    a, b = (a[None], b[None]) if a.ndim == 3 else (a, b)
-    a, b = a.double(), b.double()
-    C = a.shape[1]
-    win = min(window, a.shape[-1], a.shape[-2])
-    g = _gauss_window(win, sigma, device=a.device)
-    w = (g[:, None] * g[None, :]).expand(C, 1, win, win)
-    f = lambda x: F.conv2d(x, w, groups=C)  # noqa: E731
-    mu_a, mu_b = f(a), f(b)
-    saa, sbb, sab = f(a * a) - mu_a ** 2, f(b * b) - mu_b ** 2, f(a * b) - mu_a * mu_b
-    c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
-    s = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (saa + sbb + c2))
-    return s.flatten(1).mean(1).float()
 
 
 def save_image_grid(path: str, images, nrow: int | None = None, pad: int = 2) -> str:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import nano4d.geolrm as G
-from nano4d import utils as U
+from nano4d import cameras as C
 from nano4d.ply import SH_C0, load_ply, read_ply_raw, save_ply
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +45,7 @@ def cameras(n, seed=0, res=16):
     az = torch.rand(n, generator=g) * 2 * math.pi
     el = torch.rand(n, generator=g) * 0.8 - 0.2
     eye = 2.0 * torch.stack([el.cos() * az.cos(), el.cos() * az.sin(), el.sin()], -1)
-    return U.look_at(eye, torch.zeros(3)), U.fov_to_K(math.radians(40), res, res).expand(n, 3, 3)
+    return C.look_at(eye, torch.zeros(3)), C.fov_to_K(math.radians(40), res, res).expand(n, 3, 3)
 
 
 # ----------------------------------------------------------------------------- structure
@@ -117,13 +117,13 @@ def test_projection_and_plucker_match_camera_utils():
     c2w, K = cameras(3, seed=1, res=20)
     xyz = (torch.rand(1, 50, 3, generator=torch.Generator().manual_seed(2)) - 0.5) * 3   # some off-image
     ref, vis = G.project_anchors(xyz, c2w[None], K[None], 20, 20)
-    uv, z = U.project_points(xyz[0], U.invert_pose(c2w), K)                           # (V, N, 2), (V, N)
+    uv, z = C.project_points(xyz[0], C.invert_pose(c2w), K)                           # (V, N, 2), (V, N)
     torch.testing.assert_close(ref[0] * 20, uv, rtol=1e-4, atol=1e-4)
     inside = (z > 0) & (uv >= 0).all(-1) & (uv <= 20).all(-1)
     assert torch.equal(vis[0], inside) and inside.any() and not inside.all()
     behind = 1.5 * c2w[:1, :3, 3]                                                      # past the camera centre
     assert not G.project_anchors(behind[None], c2w[None, :1], K[None, :1], 20, 20)[1].any()
-    torch.testing.assert_close(G.plucker_rays(c2w[None], K[None], 6, 5), U.plucker_rays(c2w[None], K[None], 6, 5))
+    torch.testing.assert_close(G.plucker_rays(c2w[None], K[None], 6, 5), C.plucker_rays(c2w[None], K[None], 6, 5))
 
 
 def test_unfold_cells_and_anchor_selection_layout():
@@ -291,7 +291,7 @@ def test_gaussian_head_ranges_and_render(torch_path):
 
 def test_losses_decrease_when_fitting_one_object(torch_path):
     """A few optimizer steps on one fixed batch lower both stage losses (gradients reach every stage)."""
-    from nano4d.data import ProceduralObjects
+    from nano4d.data.objects import ProceduralObjects
     torch.manual_seed(0)
     cfg = micro_cfg()
     d = ProceduralObjects(1, num_views=4, res=16, occ_res=8, occ_mode="surface", num_surface_points=0)[0]
@@ -370,7 +370,7 @@ def test_train_script_both_stages_resume_and_inference(tmp_path, torch_path):
     recon = [r["step"] for r in steps if "loss" in r and "bce" not in r]
     assert recon[-2:] == [3, 4] and "recon" in m2
     # inference CLI on a .pt of posed images (any number of views)
-    from nano4d.data import ProceduralObjects
+    from nano4d.data.objects import ProceduralObjects
     d = ProceduralObjects(1, num_views=3, res=16, seed=9, split="test", occ_res=0, num_surface_points=0)[0]
     torch.save({"images": d["images"], "c2w": d["c2w"], "K": d["K"]}, tmp_path / "obj.pt")
     T.main(["--infer", str(tmp_path / "obj.pt"), "--ckpt", os.path.join(run, "model.safetensors"),
@@ -385,7 +385,8 @@ def test_gobjaverse_folder_loading_and_depth_occupancy(tmp_path):
     diagonal at the centre), and cover most of it."""
     sys.path.insert(0, ROOT)
     import train_geolrm as T
-    from nano4d.data import ProceduralObjects, occupancy_grid, write_gobjaverse_object
+    from nano4d.data.gobjaverse import write_gobjaverse_object
+    from nano4d.data.objects import ProceduralObjects, occupancy_grid
     ds = ProceduralObjects(3, num_views=6, res=24, occ_res=0, num_surface_points=0, background="white")
     for i in range(3):
         d = ds._render(i)

@@ -180,6 +180,23 @@ def test_lpips_bad_inputs():
     assert m(torch.rand(0, 3, 40, 40), torch.rand(0, 3, 40, 40)).shape == (0,)
 
 
+def test_psnr_ssim_known_values():
+    a = torch.rand(2, 3, 32, 32)
+    assert torch.isinf(M.psnr(a, a)).all()
+    torch.testing.assert_close(M.ssim(a, a), torch.ones(2))
+    b = (a + 0.1).clamp(max=2.0)  # constant offset 0.1 -> MSE 0.01 -> PSNR 20 dB
+    torch.testing.assert_close(M.psnr(a, b), torch.full((2,), 20.0))
+    noisy = (a + 0.2 * torch.randn_like(a)).clamp(0, 1)
+    s = M.ssim(a, noisy)
+    assert (s < 0.9).all() and (s > 0).all()
+    assert (M.ssim(a, (a + 0.05 * torch.randn_like(a)).clamp(0, 1)) > s).all()
+    # the luminance-only term for constant images: mean 0.5 vs 0.6
+    c1 = 0.01 ** 2
+    x, y = torch.full((1, 1, 16, 16), 0.5), torch.full((1, 1, 16, 16), 0.6)
+    expect = (2 * 0.5 * 0.6 + c1) / (0.25 + 0.36 + c1)
+    assert M.ssim(x, y).item() == pytest.approx(expect, rel=1e-5)
+
+
 def test_psnr_ssim_share_the_api():
     a = torch.rand(3, 3, 24, 24)
     b = (a + 0.1 * torch.randn_like(a)).clamp(0, 1)

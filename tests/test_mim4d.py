@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nano4d import mim4d as M
-from nano4d import utils as U
+from nano4d import cameras as C
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,7 +82,7 @@ def test_voxel_centres_project_like_the_camera_utilities():
     uv, z = M.project_voxels(cfg, K, c2e)
     pts = M.voxel_centres(cfg).reshape(-1, 3)
     for n in range(2):
-        uv_ref, z_ref = U.project_points(pts, U.invert_pose(c2e[0, n]), K[0, n])
+        uv_ref, z_ref = C.project_points(pts, C.invert_pose(c2e[0, n]), K[0, n])
         front = z_ref > 0.1
         torch.testing.assert_close(uv[0, n][front], uv_ref[front], atol=1e-3, rtol=1e-4)
         torch.testing.assert_close(z[0, n], z_ref, atol=1e-4, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""Procedural driving scenes (MIM4D's embedded default); their rig JSON format is in ``nano4d.rig``.
+"""Procedural driving scenes (MIM4D's default data); ``ProceduralDriving`` caches them as rig JSON (``nano4d.data.rig``).
 
 World frame: z up, the street runs along +x; right-hand traffic, so lanes with y < 0 drive towards +x.
 A street = asphalt road (lane markings, optional parking lanes, crosswalks), sidewalks with tiles,
@@ -11,8 +11,9 @@ Ego frame (nuScenes): x forward, y left, z up, origin on the ground under the re
 along its lane with a small lateral weave (so its yaw changes). Six cameras with a nuScenes-like layout
 (``CAM_NAMES``), OpenCV axes, ``cam2ego`` (6, 4, 4), pixel ``K`` (6, 3, 3): 70 deg horizontal fov, back
 camera 100 deg, square pixels, principal point at the image centre. LiDAR: a spinning 32-beam sensor at
-(0, 0, 1.84) in the ego frame, elevations -30..+10 deg, ``lidar_azimuths`` columns; points are returned in
-the ego frame, padded to a fixed P = 32 * lidar_azimuths with ``lidar_mask`` (hit within ``lidar_range``).
+(0, 0, 1.84) in the ego frame (``lidar2ego``, ego axes), elevations -30..+10 deg, ``lidar_azimuths`` columns;
+points are returned in the ego frame, padded to a fixed P = 32 * lidar_azimuths with ``lidar_mask`` (hit
+within ``lidar_range``).
 
 BEV labels (``bev`` (T, Hb, Wb) int64): 0 other, 1 road (carriageway incl. parking lanes), 2 car,
 3 building. Ego-centred grid over x, y in [-bev_range, bev_range] metres (ego frame): cell (iy, ix) has
@@ -33,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from nano4d.data import SPLITS, limit_threads, split_seed, value_noise
-from nano4d.utils import camera_rays, invert_pose
+from nano4d.cameras import camera_rays, invert_pose, ray_aabb
+from nano4d.data.common import SPLITS, limit_threads, split_seed, value_noise
+from nano4d.data.rig import load_rig_frames, read_rig, write_rig
 
 CAM_NAMES = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT")
 # (x, y, z) position in the ego frame, yaw (deg, 0 = forward, positive = to the left), horizontal fov (deg)
@@ -86,6 +88,13 @@ def ego_pose(world: StreetWorld, t: float) -> torch.Tensor:
     T = torch.eye(4)
     T[:2, :2] = torch.tensor([[math.cos(yaw), -math.sin(yaw)], [math.sin(yaw), math.cos(yaw)]])
     T[0, 3], T[1, 3] = x, y
+    return T
+
+
+def lidar2ego() -> torch.Tensor:
+    """(4, 4) LiDAR -> ego transform of the procedural rig: the sensor at (0, 0, LIDAR_HEIGHT) with ego axes."""
+    T = torch.eye(4)
+    T[2, 3] = LIDAR_HEIGHT
     return T
 
 
@@ -236,10 +245,7 @@ def _box_bins(a0, a1, b0, b1, full, grid):
 
 
 def _slab(o, d, lo, hi):
-    inv = 1.0 / torch.where(d.abs() < 1e-9, torch.full_like(d, 1e-9), d)
-    ta, tb = (lo - o) * inv, (hi - o) * inv
-    tn, axis = torch.minimum(ta, tb).max(-1)
-    tf = torch.maximum(ta, tb).min(-1).values
+    tn, tf, axis = ray_aabb(o, d, lo, hi, eps=1e-9)
     return torch.where((tf >= tn) & (tn > 1e-4), tn, torch.full_like(tn, float("inf"))), axis
 
 
@@ -560,12 +566,13 @@ class ProceduralDriving(Dataset):
       images (T, 6, 3, H, W) in [0, 1]; depths (T, 6, 1, H, W) camera z-depth (0 = sky / beyond ``far``);
       K (6, 3, 3) pixels; cam2ego (6, 4, 4) OpenCV camera -> ego; ego2world (T, 4, 4);
       lidar (T, P, 3) ego-frame points with lidar_mask (T, P) bool (P = 32 * lidar_azimuths, padded with 0);
+      lidar2ego (4, 4) the LiDAR's mounting (``lidar2ego()``);
       bev (T, Hb, Wb) int64 labels (0 other, 1 road, 2 car, 3 building) on the ego-centred grid described in
       the module docstring; timestamps (T,) seconds since the first frame (k * frame_dt); cam_names (list of 6 str);
       seed () int64 (``random_street(seed)`` rebuilds the world).
     Cars in other lanes move at their own lane speeds (the opposite direction moves towards -x), so frames
     differ by more than ego motion. The first frame is at a random time in ``start_time`` seconds.
-    ``threads``: torch intra-op threads while rendering (``nano4d.data.limit_threads``). ``cache_dir``: scenes
+    ``threads``: torch intra-op threads while rendering (``nano4d.data.common.limit_threads``). ``cache_dir``: scenes
     are written there as rig JSON (+ PNG / .npy) on first use and read back later (images quantized to 8 bit;
     LiDAR points compacted to the front of the padded array)."""
 
@@ -595,7 +602,6 @@ class ProceduralDriving(Dataset):
         with limit_threads(self.threads):
             if not self.cache_dir:
                 return self._make(i)
-            from nano4d.rig import load_rig_frames, read_rig, write_rig   # lazy: nano4d.rig imports this module
             H, W = self.res
             tag = (f"{self.split}-s{self.seed}-T{self.num_frames}-{H}x{W}-dt{self.frame_dt:g}-az{self.lidar_azimuths}"
                    f"-lr{self.lidar_range:g}-bev{self.bev_range:g}x{self.bev_res}-far{self.far:g}-sh{int(self.shadows)}"
@@ -632,6 +638,6 @@ class ProceduralDriving(Dataset):
             poses.append(e2w), pts.append(p), masks.append(m)
             bevs.append(bev_labels(world, t, e2w, self.bev_range, self.bev_res))
         return dict(images=torch.stack(imgs), depths=torch.stack(deps), K=K, cam2ego=cam2ego,
-                    ego2world=torch.stack(poses), lidar=torch.stack(pts), lidar_mask=torch.stack(masks),
+                    ego2world=torch.stack(poses), lidar=torch.stack(pts), lidar_mask=torch.stack(masks), lidar2ego=lidar2ego(),
                     bev=torch.stack(bevs), timestamps=torch.tensor([k * self.frame_dt for k in range(T)]),
                     cam_names=list(CAM_NAMES), seed=torch.tensor(s))

@@ -1,8 +1,10 @@
-"""nuScenes-style rig JSON for multi-camera driving data (MIM4D): ``write_rig`` stores a driving sample (a
-``ProceduralDriving`` item or any dict with its keys) as PNG / .npy files plus one JSON, ``read_rig`` parses and
-validates such a JSON, ``load_rig_frames`` loads frames of it back into the ``ProceduralDriving`` keys, and
-``RigDataset`` serves windows of consecutive frames from one or more rig files. Malformed files raise
-``nano4d.data.DataError`` naming the file. Split out of ``nano4d.driving`` (which uses it for its disk cache).
+"""nuScenes-style rig JSON for multi-camera driving data (MIM4D), and LiDAR -> per-camera depth maps.
+
+``write_rig`` stores a driving sample (a ``ProceduralDriving`` item or any dict with its keys) as PNG / .npy
+files plus one JSON, ``read_rig`` parses and validates such a JSON, ``load_rig_frames`` loads frames of it
+back into the ``ProceduralDriving`` keys, and ``RigDataset`` serves windows of consecutive frames from one or
+more rig files. Malformed files raise ``DataError`` naming the file and the field. ``lidar_to_depths``
+projects ego-frame LiDAR points into sparse z-depth maps of each camera (MIM4D's depth supervision).
 """
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from nano4d.data import DataError
-from nano4d.driving import LIDAR_HEIGHT
-from nano4d.utils import invert_pose, pose_from_quat_trans, rotmat_to_quat
+from PIL import Image
+
+from nano4d.cameras import invert_pose, pose_from_quat_trans, project_points, rotmat_to_quat
+from nano4d.data.common import DataError, as_array, as_float, as_int, field, read_json
 
 
 # ============================================================================ rig JSON (nuScenes-style)
@@ -37,10 +40,9 @@ RIG_FORMAT = "nano4d-rig"
 def write_rig(root: str, sample: dict, name: str = "rig.json", lidar2ego=None) -> str:
     """Write a driving sample (a ``ProceduralDriving`` item or any dict with images (T, C, 3, H, W), K (C, 3, 3),
     cam2ego (C, 4, 4), ego2world (T, 4, 4), cam_names; optional depths (T, C, 1, H, W), lidar (T, P, 3) in the
-    ego frame with lidar_mask (T, P), timestamps (T,) seconds) as PNGs / .npy files + a rig JSON under
-    ``root``. LiDAR points are stored in the LiDAR frame (``lidar2ego`` 4x4, default a sensor at
-    (0, 0, LIDAR_HEIGHT) with ego axes). Returns the JSON path."""
-    from PIL import Image
+    ego frame with lidar_mask (T, P) and lidar2ego (4, 4), timestamps (T,) seconds) as PNGs / .npy files + a
+    rig JSON under ``root``. LiDAR points are stored in the LiDAR frame (``lidar2ego`` 4x4: the argument, else
+    the sample's). Returns the JSON path."""
     imgs = sample["images"]
     T, C, _, H, W = imgs.shape
     names = list(sample["cam_names"])
@@ -55,9 +57,9 @@ def write_rig(root: str, sample: dict, name: str = "rig.json", lidar2ego=None) -
     rig = {"format": RIG_FORMAT, "version": 1, "cameras": cams, "frames": []}
     has_lidar = sample.get("lidar") is not None
     if has_lidar:
+        lidar2ego = sample.get("lidar2ego") if lidar2ego is None else lidar2ego
         if lidar2ego is None:
-            lidar2ego = torch.eye(4)
-            lidar2ego[2, 3] = LIDAR_HEIGHT
+            raise ValueError("the sample has LiDAR points but no lidar2ego (pass lidar2ego= or add the key)")
         rig["lidar"] = {"sensor2ego_rotation": rotmat_to_quat(lidar2ego[:3, :3].double()).tolist(),
                         "sensor2ego_translation": lidar2ego[:3, 3].tolist()}
         ego2lidar = invert_pose(lidar2ego.float())
@@ -98,80 +100,75 @@ def write_rig(root: str, sample: dict, name: str = "rig.json", lidar2ego=None) -
     return path
 
 
-def _req(d: dict, key: str, where: str):
-    if not isinstance(d, dict) or key not in d:
-        raise DataError(f"{where}: missing field {key!r}")
-    return d[key]
-
-
 def _pose(d: dict, prefix: str, where: str) -> torch.Tensor:
-    q = torch.tensor(_req(d, prefix + "_rotation", where), dtype=torch.float64)
-    t = torch.tensor(_req(d, prefix + "_translation", where), dtype=torch.float64)
-    if q.shape != (4,) or t.shape != (3,):
-        raise DataError(f"{where}: {prefix}_rotation must be 4 numbers (w, x, y, z) and {prefix}_translation 3")
-    if not (torch.isfinite(q).all() and torch.isfinite(t).all()) or q.norm() < 1e-8:
-        raise DataError(f"{where}: {prefix} pose is degenerate or non-finite")
+    q = as_array(field(d, prefix + "_rotation", where), (4,), where, prefix + "_rotation")
+    t = as_array(field(d, prefix + "_translation", where), (3,), where, prefix + "_translation")
+    if q.norm() < 1e-8:
+        raise DataError(f"{where}: field {prefix + '_rotation'!r} is degenerate (zero quaternion)")
     return pose_from_quat_trans(q, t).float()
+
+
+def _path(d: dict, key: str, where: str) -> str:
+    v = field(d, key, where)
+    if not isinstance(v, str) or not v:
+        raise DataError(f"{where}: field {key!r} must be a relative file path, got {v!r}")
+    return v
 
 
 def read_rig(path: str) -> dict:
     """Parse and validate a rig JSON -> dict(cam_names, width, height, K (C, 3, 3), cam2ego (C, 4, 4),
     ego2world (F, 4, 4), timestamps (F,) seconds, image_paths [F][C], depth_paths [F][C] or None,
-    lidar_paths [F] or None, lidar2ego (4, 4) or None). Every referenced file must exist."""
-    try:
-        with open(path) as f:
-            rig = json.load(f)
-    except OSError as e:
-        raise DataError(f"{path}: cannot open rig JSON ({e})") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: bad JSON ({e})") from None
+    lidar_paths [F] or None, lidar2ego (4, 4) or None). Every referenced file must exist. Errors name the
+    file and the field (e.g. "rig.json: cameras[2]: field 'height' must be an integer, got 'tall'")."""
+    rig = read_json(path, "rig JSON")
     if not isinstance(rig, dict) or rig.get("format") != RIG_FORMAT:
         raise DataError(f"{path}: not a {RIG_FORMAT} file (field 'format' must be {RIG_FORMAT!r})")
     base = os.path.dirname(os.path.abspath(path))
-    cams = _req(rig, "cameras", path)
+    cams = field(rig, "cameras", path)
     if not isinstance(cams, list) or not cams:
-        raise DataError(f"{path}: 'cameras' must be a non-empty list")
+        raise DataError(f"{path}: field 'cameras' must be a non-empty list")
     names, Ks, c2e, sizes = [], [], [], set()
     for j, c in enumerate(cams):
         where = f"{path}: cameras[{j}]"
-        names.append(str(_req(c, "name", where)))
-        K = torch.tensor(_req(c, "cam_intrinsic", where), dtype=torch.float32)
-        if K.shape != (3, 3) or not torch.isfinite(K).all():
-            raise DataError(f"{where}: cam_intrinsic must be a finite 3x3 matrix")
-        Ks.append(K)
+        name = field(c, "name", where)
+        if not isinstance(name, str) or not name:
+            raise DataError(f"{where}: field 'name' must be a non-empty string, got {name!r}")
+        names.append(name)
+        Ks.append(as_array(field(c, "cam_intrinsic", where), (3, 3), where, "cam_intrinsic").float())
         c2e.append(_pose(c, "sensor2ego", where))
-        sizes.add((int(_req(c, "height", where)), int(_req(c, "width", where))))
+        sizes.add((as_int(field(c, "height", where), where, "height"), as_int(field(c, "width", where), where, "width")))
     if len(set(names)) != len(names):
         raise DataError(f"{path}: duplicate camera names {names}")
     if len(sizes) != 1:
         raise DataError(f"{path}: cameras have different image sizes {sorted(sizes)}; nano4d needs one size")
-    frames = _req(rig, "frames", path)
+    frames = field(rig, "frames", path)
     if not isinstance(frames, list) or not frames:
-        raise DataError(f"{path}: 'frames' must be a non-empty list")
+        raise DataError(f"{path}: field 'frames' must be a non-empty list")
     lidar2ego = _pose(rig["lidar"], "sensor2ego", f"{path}: lidar") if "lidar" in rig else None
     e2w, ts, img_p, dep_p, lid_p, bev_p = [], [], [], [], [], []
 
     def fpath(rel, where):
-        p = os.path.join(base, str(rel))
+        p = os.path.join(base, rel)
         if not os.path.isfile(p):
             raise DataError(f"{p}: missing (referenced by {where})")
         return p
     for k, fr in enumerate(frames):
         where = f"{path}: frames[{k}]"
         e2w.append(_pose(fr, "ego2global", where))
-        ts.append(float(_req(fr, "timestamp", where)) * 1e-6)
-        cd = _req(fr, "cams", where)
+        ts.append(as_float(field(fr, "timestamp", where), where, "timestamp") * 1e-6)
+        cd = field(fr, "cams", where)
         row, drow = [], []
         for n in names:
-            entry = _req(cd, n, f"{where}.cams")
-            row.append(fpath(_req(entry, "data_path", f"{where}.cams.{n}"), f"{where}.cams.{n}"))
-            drow.append(fpath(entry["depth_path"], f"{where}.cams.{n}") if "depth_path" in entry else None)
+            entry = field(cd, n, f"{where}.cams")
+            w = f"{where}.cams.{n}"
+            row.append(fpath(_path(entry, "data_path", w), w))
+            drow.append(fpath(_path(entry, "depth_path", w), w) if "depth_path" in entry else None)
         img_p.append(row)
         dep_p.append(drow)
-        lid_p.append(fpath(fr["lidar_path"], where) if "lidar_path" in fr else None)
-        bev_p.append(fpath(fr["bev_path"], where) if "bev_path" in fr else None)
+        lid_p.append(fpath(_path(fr, "lidar_path", where), where) if "lidar_path" in fr else None)
+        bev_p.append(fpath(_path(fr, "bev_path", where), where) if "bev_path" in fr else None)
         if k and ts[-1] <= ts[-2]:
-            raise DataError(f"{where}: timestamps must increase")
+            raise DataError(f"{where}: field 'timestamp' must increase from frame to frame")
     has_d = [d is not None for row in dep_p for d in row]
     if any(has_d) and not all(has_d):
         raise DataError(f"{path}: depth_path given for some cameras/frames but not all")
@@ -191,8 +188,8 @@ def load_rig_frames(rig: dict, frame_ids, res=None, max_points: int | None = Non
     """Load frames of a parsed rig -> the ``ProceduralDriving`` keys (images, K, cam2ego, ego2world,
     timestamps relative to the first loaded frame, cam_names; depths and bev if present; lidar (T, P, 3) ego-frame
     points + lidar_mask if present, padded to the largest scan or to ``max_points`` (longer scans are
-    subsampled, deterministically in ``seed``)). ``res`` (H, W) resizes images (area), depths (nearest), K."""
-    from PIL import Image
+    subsampled, deterministically in ``seed``), with lidar2ego). ``res`` (H, W) resizes images (area), depths
+    (nearest), K."""
     H, W = rig["height"], rig["width"]
     Ho, Wo = (H, W) if res is None else ((res, res) if isinstance(res, int) else tuple(res))
     imgs, deps, scans = [], [], []
@@ -260,7 +257,7 @@ def load_rig_frames(rig: dict, frame_ids, res=None, max_points: int | None = Non
             if s.shape[0] > P:
                 s = s[torch.randperm(s.shape[0], generator=g)[:P]]
             lidar[k, :s.shape[0]], mask[k, :s.shape[0]] = s, True
-        out["lidar"], out["lidar_mask"] = lidar, mask
+        out["lidar"], out["lidar_mask"], out["lidar2ego"] = lidar, mask, rig["lidar2ego"]
     return out
 
 
@@ -274,9 +271,9 @@ class RigDataset(Dataset):
             found = []
             for dp, _, fs in sorted(os.walk(paths)):
                 found += [os.path.join(dp, f) for f in sorted(fs) if f.endswith(".json")]
+            if not found:
+                raise DataError(f"{paths}: no rig JSON files (*.json) found in this folder")
             paths = found
-            if not paths:
-                raise DataError("no rig JSON files found in the folder")
         elif isinstance(paths, str):
             paths = [paths]
         self.rigs = [read_rig(p) for p in paths]
@@ -294,3 +291,22 @@ class RigDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         r, s = self.windows[i]
         return load_rig_frames(self.rigs[r], list(range(s, s + self.num_frames)), self.res, self.max_points, seed=i)
+
+
+def lidar_to_depths(lidar: torch.Tensor, mask: torch.Tensor, K: torch.Tensor, cam2ego: torch.Tensor, H: int, W: int):
+    """Sparse per-camera z-depth maps (T, N, 1, H, W) from ego-frame LiDAR points (T, P, 3) with ``mask``
+    (T, P): each point lands in the pixel containing its projection (K (N, 3, 3) pixels, cam2ego (N, 4, 4)
+    OpenCV); points closer than 0.1 m or outside the image are dropped; where several land in one pixel the
+    nearest wins. 0 = no LiDAR return."""
+    T, N = lidar.shape[0], K.shape[0]
+    out = torch.zeros(T, N, H * W)
+    ego2cam = torch.linalg.inv(cam2ego)
+    for t in range(T):
+        p = lidar[t][mask[t]]
+        for n in range(N):
+            uv, z = project_points(p, ego2cam[n], K[n], eps=1e-6)
+            ok = (z > 0.1) & (uv[:, 0] >= 0) & (uv[:, 0] < W) & (uv[:, 1] >= 0) & (uv[:, 1] < H)
+            idx = uv[ok, 1].long() * W + uv[ok, 0].long()
+            order = torch.argsort(z[ok], descending=True)                # write far first, near last
+            out[t, n, idx[order]] = z[ok][order]
+    return out.view(T, N, 1, H, W)

@@ -1,7 +1,7 @@
 """Textured mesh collections -> multi-view renders in the GObjaverse layout (GeoLRM / MuM training data).
 
-    python -m nano4d.meshes render-meshes --src DIR --out DIR [--views 40] [--res 256] [--split 0.1]
-    python -m nano4d.meshes prepare-sweethome3d --out DIR        # Debian's 820 CC0/CC-BY furniture models
+    python -m nano4d.data.meshes render-meshes --src DIR --out DIR [--views 40] [--res 256] [--split 0.1]
+    python -m nano4d.data.meshes prepare-sweethome3d --out DIR        # Debian's 820 CC0/CC-BY furniture models
 
 Loading: every ``*.obj`` under ``--src`` with its ``mtllib`` materials (``Kd`` colour, ``map_Kd`` texture,
 ``d``/``Tr`` opacity); polygons are fan-triangulated, negative indices resolved. Each object is then moved
@@ -26,7 +26,7 @@ Shading: ambient 0.6 + diffuse 0.4 from a light at the camera (no shadows, no sp
 close to the albedo. Not supported: transparency (materials with d < 1 render opaque; d < 0.05 skipped),
 normal/bump maps, per-vertex colours.
 
-Output per object (``nano4d.loaders.write_gobjaverse_object``): ``<out>/<obj_id>/<view:05d>/<view:05d>.png``
+Output per object (``nano4d.data.gobjaverse.write_gobjaverse_object``): ``<out>/<obj_id>/<view:05d>/<view:05d>.png``
 (RGBA), ``<view>.json`` (GObjaverse camera + exact K), ``<view>_depth.npy``, plus ``surface_points.npy``
 (area-uniform samples of the normalized mesh: the ground truth for Chamfer / F-score) and
 ``occupancy.npy`` (32^3, (Z, Y, X), cells over [-0.5, 0.5]^3 crossed by the surface samples), and
@@ -56,10 +56,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nano4d.utils import fov_to_K, look_at
+from nano4d.cameras import fov_to_K, look_at
+from nano4d.data.gobjaverse import occupancy_from_points, read_gobjaverse_object, write_gobjaverse_object
+from nano4d.data.preview import save_grid
 
 __all__ = ["Material", "Mesh", "MeshError", "load_obj", "parse_mtl", "normalize_mesh", "y_up_to_z_up",
-           "sample_surface", "surface_occupancy", "gobjaverse_cameras", "PyBulletRenderer", "find_meshes",
+           "sample_surface", "gobjaverse_cameras", "PyBulletRenderer", "find_meshes",
            "object_id_for", "render_collection", "prepare_sweethome3d", "main"]
 
 RENDER_EXTRA_MSG = ("the mesh renderer needs pybullet (CPU TinyRenderer): pip install 'nano4d[render]' "
@@ -318,14 +320,6 @@ def sample_surface(mesh: Mesh, n: int, seed: int = 0) -> np.ndarray:
     return (w[:, :, None] * tri[f]).sum(1).astype(np.float32)
 
 
-def surface_occupancy(points: np.ndarray, res: int = 32) -> np.ndarray:
-    """(R, R, R) uint8 in (Z, Y, X) order over [-0.5, 0.5]^3: 1 where a cell contains a surface sample."""
-    idx = np.clip(np.floor((np.asarray(points, dtype=np.float64) + 0.5) * res).astype(np.int64), 0, res - 1)
-    occ = np.zeros((res, res, res), dtype=np.uint8)
-    occ[idx[:, 2], idx[:, 1], idx[:, 0]] = 1
-    return occ
-
-
 # ============================================================================ cameras
 
 
@@ -543,7 +537,6 @@ _WORKER_RENDERER = None
 def _render_task(task: dict) -> dict:
     """Render one object (runs in a worker process or inline). Returns a status record."""
     global _WORKER_RENDERER
-    from nano4d.loaders import write_gobjaverse_object
     t0 = time.time()
     rec = {"id": task["id"], "path": task["path"]}
     try:
@@ -565,7 +558,7 @@ def _render_task(task: dict) -> dict:
         pts = sample_surface(mesh, task["points"], seed=seed % (2 ** 32))
         write_gobjaverse_object(task["out"], task["id"], torch.from_numpy(np.stack(rgbas)), c2w.float(), K.float(),
                                 depth=torch.from_numpy(np.stack(depths)),
-                                occupancy=torch.from_numpy(surface_occupancy(pts, task["occ_res"])),
+                                occupancy=occupancy_from_points(torch.from_numpy(pts), task["occ_res"]),
                                 surface_points=torch.from_numpy(pts))
         meta = {"source": task["path"], "scale": scale, "offset": offset.tolist(), "up": task["up"],
                 "views": task["views"], "res": task["res"], "fov_deg": task["fov"], "distance": task["distance"],
@@ -595,8 +588,6 @@ def _is_done(out: Path, obj_id: str, views: int, res: int) -> bool:
 
 
 def _preview(out: Path, ids: list, max_objects: int = 8, max_views: int = 8) -> str | None:
-    from nano4d.loaders import read_gobjaverse_object
-    from nano4d.utils import save_image_grid
     rows = []
     for obj_id in ids[:max_objects]:
         d = out / obj_id
@@ -606,7 +597,7 @@ def _preview(out: Path, ids: list, max_objects: int = 8, max_views: int = 8) -> 
         rows.append(o["images"] * o["alphas"] + (1 - o["alphas"]))              # on white
     if not rows:
         return None
-    return save_image_grid(str(out / "preview.png"), rows)
+    return save_grid(str(out / "preview.png"), rows)
 
 
 def render_collection(src, out, views: int = 40, res: int = 256, split: float = 0.1, fov_deg: float = 39.6,
@@ -816,7 +807,7 @@ def _parse_catalog_properties(text: str) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m nano4d.meshes", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m nano4d.data.meshes", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("render-meshes", help="render every OBJ under --src into the GObjaverse layout")
     r.add_argument("--src", required=True)
@@ -854,7 +845,7 @@ def main(argv=None) -> int:
     cats = None if args.catalogs == "all" else [c for c in args.catalogs.split(",") if c]
     counts = prepare_sweethome3d(args.out, deb=args.deb, extracted=args.extracted, catalogs=cats)
     print(f"prepare-sweethome3d: {sum(counts.values())} OBJ models in {args.out}; next:\n"
-          f"    python -m nano4d.meshes render-meshes --src {args.out} --out <renders> --views 40 --res 256")
+          f"    python -m nano4d.data.meshes render-meshes --src {args.out} --out <renders> --views 40 --res 256")
     return 0
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from nano4d import meshes as Me
-from nano4d.utils import camera_rays, invert_pose, project_points
+from nano4d.cameras import camera_rays, invert_pose, project_points
+from nano4d.data import meshes as Me
+from nano4d.data.gobjaverse import GObjaverseDataset, occupancy_from_points, read_gobjaverse_object
 
 # ---------------------------------------------------------------------------- fixtures: a textured box OBJ
 
@@ -123,7 +124,7 @@ def test_normalize_and_up_axis(tmp_path):
     areas = {0: 0.25 * 0.5, 1: 1.0 * 0.5, 2: 1.0 * 0.25}
     frac_x = np.isclose(np.abs(pts[:, 0]), 0.5, atol=1e-6).mean()
     assert frac_x == pytest.approx(areas[0] / sum(areas.values()), abs=0.03)
-    occ = Me.surface_occupancy(pts, 16)
+    occ = occupancy_from_points(torch.from_numpy(pts), 16)
     assert occ.shape == (16, 16, 16) and occ[8, 8, 8] == 0 and occ[8, 8, 0] == 1   # hollow, x = -0.5 wall
 
 
@@ -259,7 +260,6 @@ def _fake_sweethome3d(root):
 
 def test_prepare_and_render_collection(tmp_path):
     pytest.importorskip("pybullet", reason="needs the render extra: pip install 'nano4d[render]'")
-    from nano4d.loaders import read_gobjaverse_object
     src = tmp_path / "sh3d"
     counts = Me.prepare_sweethome3d(src, extracted=_fake_sweethome3d(tmp_path / "deb"), catalogs=None,
                                     log=lambda *a: None)
@@ -278,7 +278,6 @@ def test_prepare_and_render_collection(tmp_path):
     split = json.loads((out / "split.json").read_text())
     assert sorted(split["train"] + split["val"]) == ["mycat__box", "mycat__plain"]
     assert (out / "preview.png").is_file()
-    from nano4d.loaders import GObjaverseDataset
     ds = GObjaverseDataset(str(out), num_views=4, object_ids=str(out / ("train.json" if split["train"] else "val.json")))
     item = ds[0]
     assert item["images"].shape == (4, 3, 24, 24) and item["depths"].shape == (4, 1, 24, 24)

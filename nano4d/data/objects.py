@@ -1,86 +1,42 @@
-"""Data for nano4d: procedural multi-view objects (GeoLRM, MuM) and the helpers shared by the data modules.
+"""Procedural multi-view objects (GeoLRM / MuM default data), rendered on the CPU, deterministic by seed.
 
-Everything here renders or reads on the CPU, deterministically by seed, with no download.
+An object (``SDFObject``) is a composition of 1-6 signed-distance primitives (sphere, box, rounded box,
+capsule, cylinder, torus, cone, hexagonal prism) with random rotation/translation/size, combined in order
+by union, smooth union or subtraction, then uniformly rescaled and centred so that its bounding box
+(estimated on a 40^3 grid) spans about [-0.45, 0.45] on its longest axis, inside the object cube
+[-0.5, 0.5]^3. Each primitive carries a procedural albedo (solid, checker, stripes, gradient, value noise,
+dots) in its local frame, so texture sticks to the surface and is consistent across views. Shading is
+Lambertian from one random world-fixed light plus ambient (baked, view independent). World frame: z up;
+object cube [-0.5, 0.5]^3.
 
-Procedural objects
-    An object (``SDFObject``) is a composition of 1-6 signed-distance primitives (sphere, box, rounded box,
-    capsule, cylinder, torus, cone, hexagonal prism) with random rotation/translation/size, combined in order
-    by union, smooth union or subtraction, then uniformly rescaled and centred so that its bounding box
-    (estimated on a 40^3 grid) spans about [-0.45, 0.45] on its longest axis, inside the object cube
-    [-0.5, 0.5]^3. Each primitive carries a procedural albedo
-    (solid, checker, stripes, gradient, value noise, dots) in its local frame, so texture sticks to the
-    surface and is consistent across views. Shading is Lambertian from one random world-fixed light plus
-    ambient (baked, view independent). World frame: z up; object cube [-0.5, 0.5]^3.
-    ``render_object`` sphere-traces the SDF (vectorized torch) and returns RGB, alpha, camera z-depth and
-    world-space normals. ``orbit_cameras`` gives GeoLRM-style cameras: ``ring_views`` (4) at a fixed
-    elevation and orthogonal azimuths, the rest uniformly random on the sphere (elevation in [-30, 72] deg),
-    all at ``distance`` looking at the origin, OpenCV c2w + pixel K.
-    ``occupancy_grid`` samples the SDF at the cell centres of an R^3 grid over [-0.5, 0.5]^3, tensor order
-    (Z, Y, X): cell (k, j, i) has centre (x, y, z) = (-0.5 + (i + .5)/R, -0.5 + (j + .5)/R, -0.5 + (k + .5)/R).
-
-Other data modules: ``nano4d.loaders`` (GObjaverse layout reader/writer, ``GObjaverseDataset``,
-``ImageSequenceFolder``), ``nano4d.driving`` (``ProceduralDriving``), ``nano4d.rig`` (nuScenes-style rig JSON:
-``write_rig``, ``read_rig``, ``RigDataset``), ``nano4d.meshes`` (textured meshes -> GObjaverse layout). They share
-``DataError`` (a ``ValueError`` naming the offending file; loaders never skip), ``SPLITS``/``split_seed`` and
-``limit_threads`` from here. ``ProceduralObjects``' disk cache uses the GObjaverse layout (``nano4d.loaders``).
-
-Preview: ``python -m nano4d.data preview --out runs/preview`` writes objects.png and driving.png.
+``render_object`` sphere-traces the SDF (vectorized torch) and returns RGB, alpha, camera z-depth and
+world-space normals. ``orbit_cameras`` gives GeoLRM-style cameras: ``ring_views`` (4) at a fixed elevation
+and orthogonal azimuths, the rest uniformly random on the sphere (elevation in [-30, 72] deg), all at
+``distance`` looking at the origin, OpenCV c2w + pixel K. ``occupancy_grid`` samples the SDF at the cell
+centres of an R^3 grid over [-0.5, 0.5]^3, tensor order (Z, Y, X): cell (k, j, i) has centre
+(x, y, z) = (-0.5 + (i + .5)/R, -0.5 + (j + .5)/R, -0.5 + (k + .5)/R). ``ProceduralObjects`` is the
+dataset (items generated on demand; optional disk cache in the GObjaverse layout).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from nano4d.utils import camera_rays, fov_to_K, look_at
+from nano4d.cameras import camera_rays, fov_to_K, look_at, ray_aabb
+from nano4d.data.common import (SPLITS, check_background, composite, dataset_background, limit_threads, split_seed,
+                                value_noise)
+from nano4d.data.gobjaverse import read_gobjaverse_object, write_gobjaverse_object
 
 PRIM_TYPES = ("sphere", "box", "round_box", "capsule", "cylinder", "torus", "cone", "hex_prism")
 TEXTURES = ("solid", "checker", "stripes", "gradient", "noise", "dots")
 OPS = ("union", "smooth_union", "subtract")
-SPLITS = {"train": 0, "val": 1, "test": 2}
 OBJECT_HALF_EXTENT = 0.45  # objects are normalized so that their bounding box fits in [-0.45, 0.45]^3
-
-
-class DataError(ValueError):
-    """Malformed or missing data; the message names the file."""
-
-
-def _rng(seed) -> np.random.Generator:
-    return np.random.default_rng(seed)
-
-
-class limit_threads:
-    """Context manager: run torch with ``n`` intra-op threads (None = unchanged), restoring the old count.
-    Rendering is many small ops; one thread is as fast on an idle machine and far faster on a busy one."""
-
-    def __init__(self, n: int | None = 1):
-        self.n, self.old = n, None
-
-    def __enter__(self):
-        if self.n is not None and torch.get_num_threads() != self.n:
-            self.old = torch.get_num_threads()
-            torch.set_num_threads(self.n)
-        return self
-
-    def __exit__(self, *exc):
-        if self.old is not None:
-            torch.set_num_threads(self.old)
-        return False
-
-
-def split_seed(seed: int, split: str, index: int) -> int:
-    """A 63-bit seed for item ``index`` of ``split``; different splits give disjoint random streams."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
-    ss = np.random.SeedSequence(entropy=int(seed), spawn_key=(SPLITS[split], int(index)))
-    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 # ============================================================================ SDF objects
@@ -112,20 +68,6 @@ class SDFObject:
     @property
     def num_parts(self) -> int:
         return int(self.prim_type.numel())
-
-    def to_dict(self) -> dict:
-        """JSON-serialisable description (lists and floats)."""
-        return {f.name: (getattr(self, f.name).tolist() if torch.is_tensor(getattr(self, f.name))
-                         else getattr(self, f.name)) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SDFObject":
-        ints = {"prim_type", "op", "tex", "tex_seed"}
-        kw = {}
-        for f in fields(cls):
-            v = d[f.name]
-            kw[f.name] = v if f.name == "ambient" else torch.tensor(v, dtype=torch.int64 if f.name in ints else torch.float32)
-        return cls(**kw)
 
 
 def _random_rotation(rng) -> np.ndarray:
@@ -190,7 +132,7 @@ def _random_params(kind: str, rng) -> list:
 
 def random_object(seed, max_parts: int = 6) -> SDFObject:
     """A random SDF object, deterministic in ``seed`` (int or np.random.SeedSequence)."""
-    rng = _rng(seed)
+    rng = np.random.default_rng(seed)
     for _attempt in range(20):
         k = 1 if rng.uniform() < 0.1 else int(rng.integers(2, max_parts + 1))
         prims = []
@@ -321,32 +263,6 @@ def object_sdf(obj: SDFObject, points: torch.Tensor) -> torch.Tensor:
     return _object_sdf_parts(obj, points)[0].reshape(points.shape[:-1])
 
 
-def _hash01(ix, iy, iz, seed: int) -> torch.Tensor:
-    h = ix * 73856093 ^ iy * 19349663 ^ iz * 83492791 ^ (seed * 2654435761)
-    h = (h ^ (h >> 13)) * 1274126177
-    h = h ^ (h >> 16)
-    return (h & 0xFFFFFF).float() / float(0xFFFFFF)
-
-
-def value_noise(x: torch.Tensor, seed: int, octaves: int = 3) -> torch.Tensor:
-    """Fractal value noise in [0, 1] at points x (N, 3) (lattice spacing 1 at the first octave)."""
-    out, amp, tot = torch.zeros(x.shape[0]), 1.0, 0.0
-    for o in range(octaves):
-        y = x * (2 ** o)
-        i0 = torch.floor(y)
-        f = y - i0
-        f = f * f * (3 - 2 * f)
-        i0 = i0.long()
-        acc = torch.zeros(x.shape[0])
-        for dx in (0, 1):
-            for dy in (0, 1):
-                for dz in (0, 1):
-                    w = (f[:, 0] if dx else 1 - f[:, 0]) * (f[:, 1] if dy else 1 - f[:, 1]) * (f[:, 2] if dz else 1 - f[:, 2])
-                    acc = acc + w * _hash01(i0[:, 0] + dx, i0[:, 1] + dy, i0[:, 2] + dz, seed + 977 * o)
-        out, tot, amp = out + amp * acc, tot + amp, amp * 0.5
-    return out / tot
-
-
 def object_albedo(obj: SDFObject, points: torch.Tensor, part: torch.Tensor | None = None) -> torch.Tensor:
     """Albedo (N, 3) at world points (N, 3) on (or near) the surface."""
     if part is None:
@@ -381,18 +297,12 @@ def sdf_normals(obj: SDFObject, points: torch.Tensor, h: float = 5e-4) -> torch.
     return F.normalize((vals[..., None] * e[:, None]).sum(0), dim=-1)
 
 
-def _ray_box(o, d, lo: float, hi: float):
-    inv = 1.0 / torch.where(d.abs() < 1e-12, torch.full_like(d, 1e-12), d)
-    t0, t1 = (lo - o) * inv, (hi - o) * inv
-    return torch.minimum(t0, t1).max(-1).values, torch.maximum(t0, t1).min(-1).values
-
-
 def sphere_trace(obj: SDFObject, o: torch.Tensor, d: torch.Tensor, max_steps: int = 128, eps: float = 4e-4,
                  box: float = 0.5):
     """Sphere-trace rays o, d (N, 3) against the object inside the cube [-box, box]^3.
     Returns hit (N,) bool and t (N,) (ray parameter of the hit, inf on misses)."""
     n = o.shape[0]
-    t_near, t_far = _ray_box(o, d, -box, box)
+    t_near, t_far, _ = ray_aabb(o, d, -box, box)
     t = torch.full((n,), float("inf"))
     hit = torch.zeros(n, dtype=torch.bool)
     idx = ((t_far > t_near) & (t_far > 0)).nonzero().squeeze(1)
@@ -409,25 +319,6 @@ def sphere_trace(obj: SDFObject, o: torch.Tensor, d: torch.Tensor, max_steps: in
         keep = ~done & (ta < tf)
         idx, ta, tf, oa, da = idx[keep], ta[keep], tf[keep], oa[keep], da[keep]
     return hit, t
-
-
-def _background_rgb(background, dtype=torch.float32) -> torch.Tensor:
-    if isinstance(background, str):
-        if background == "white":
-            return torch.ones(3, dtype=dtype)
-        if background == "black":
-            return torch.zeros(3, dtype=dtype)
-        raise ValueError(f"background must be 'white', 'black', 'random' (datasets) or an (r, g, b) triple, got {background!r}")
-    bg = torch.as_tensor(background, dtype=dtype).flatten()
-    if bg.numel() != 3:
-        raise ValueError(f"background colour must have 3 values, got {bg.numel()}")
-    return bg
-
-
-def composite(rgb: torch.Tensor, alpha: torch.Tensor, background="white") -> torch.Tensor:
-    """Straight-alpha compositing rgb (..., 3, H, W) * alpha (..., 1, H, W) over a background colour."""
-    bg = _background_rgb(background, rgb.dtype).to(rgb.device).view(3, 1, 1)
-    return rgb * alpha + bg * (1 - alpha)
 
 
 def render_object(obj: SDFObject, c2w: torch.Tensor, K: torch.Tensor, height: int, width: int,
@@ -486,7 +377,7 @@ def orbit_cameras(num_views: int, res=64, fov_deg: float = 40.0, distance: float
     The first ``min(ring_views, num_views)`` views sit on a ring at ``elevation_deg`` with azimuths
     ``azimuth_deg + j * 360 / ring_views`` (``azimuth_deg`` random when None); the rest are uniform on the
     sphere with elevation in [-30, 72] degrees. ``res``: int or (H, W); fov is vertical."""
-    rng = _rng(seed)
+    rng = np.random.default_rng(seed)
     H, W = (res, res) if isinstance(res, int) else res
     az0 = rng.uniform(0, 360) if azimuth_deg is None else azimuth_deg
     el, az = [], []
@@ -573,8 +464,7 @@ class ProceduralObjects(Dataset):
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
         if num_views < 1 or num_objects < 1:
             raise ValueError("num_views and num_objects must be >= 1")
-        if not (isinstance(background, str) and background == "random"):
-            _background_rgb(background)  # validate early
+        check_background(background)
         self.num_objects, self.num_views, self.seed, self.split = num_objects, num_views, seed, split
         self.res = (res, res) if isinstance(res, int) else tuple(res)
         self.occ_res, self.num_surface_points, self.background = occ_res, num_surface_points, background
@@ -606,10 +496,7 @@ class ProceduralObjects(Dataset):
         s = self.object_seed(i)
         with limit_threads(self.threads):
             d = self._cached(i) if self.cache_dir else self._render(i)
-        if isinstance(self.background, str) and self.background == "random":
-            bg = torch.tensor(_rng(s + 3).uniform(0, 1, 3), dtype=torch.float32)
-        else:
-            bg = _background_rgb(self.background)
+        bg = dataset_background(self.background, s + 3)
         item = dict(images=composite(d["rgb"], d["alphas"], bg), alphas=d["alphas"], depths=d["depths"],
                     normals=d["normals"], c2w=d["c2w"], K=d["K"], background=bg, seed=torch.tensor(s))
         if self.occ_res:
@@ -624,7 +511,6 @@ class ProceduralObjects(Dataset):
                f"-e{self.elevation_deg:g}-r{self.ring_views}-ss{self.supersample}")
         obj_id = f"{i:07d}"
         obj_dir = os.path.join(self.cache_dir, tag, obj_id)
-        from nano4d.loaders import read_gobjaverse_object, write_gobjaverse_object   # lazy: loaders imports data
         if not os.path.isfile(os.path.join(obj_dir, "done")):
             d = self._render(i)
             rgba = torch.cat([d["rgb"], d["alphas"]], 1).permute(0, 2, 3, 1)
@@ -641,87 +527,3 @@ class ProceduralObjects(Dataset):
         if self.num_surface_points and (d["surface_points"] is None or d["surface_points"].shape[0] != self.num_surface_points):
             d["surface_points"] = sample_surface(random_object(s), self.num_surface_points, s + 2)
         return d
-
-
-# Re-exported for existing callers (train_geolrm.py, tests/test_geolrm.py) while they move to nano4d.loaders.
-# Lazy, because nano4d.loaders imports this module.
-_LOADER_NAMES = ("read_gobjaverse_object", "write_gobjaverse_object")
-
-
-def __getattr__(name):
-    if name in _LOADER_NAMES:
-        from nano4d import loaders
-        return getattr(loaders, name)
-    raise AttributeError(f"module 'nano4d.data' has no attribute {name!r}")
-
-
-# ============================================================================ preview
-
-_BEV_COLORS = torch.tensor([[0.85, 0.85, 0.85], [0.35, 0.35, 0.38], [0.9, 0.2, 0.15], [0.3, 0.45, 0.8]])
-
-
-def _colorize_depth(d: torch.Tensor, near: float) -> torch.Tensor:
-    """(..., 1, H, W) depth -> (..., 3, H, W) grey disparity near / depth (clamped to 1), black where 0."""
-    v = (near / d.clamp_min(1e-6)).clamp(0, 1) * (d > 0)
-    return v.expand(*d.shape[:-3], 3, *d.shape[-2:])
-
-
-def bev_image(bev: torch.Tensor, lidar: torch.Tensor | None = None, mask=None, bev_range: float = 51.2) -> torch.Tensor:
-    """(3, Hb, Wb) picture of BEV labels (forward = up, left = left), LiDAR points overlaid in white."""
-    img = _BEV_COLORS[bev].permute(2, 0, 1).clone()                 # (3, Y, X)
-    if lidar is not None:
-        Hb, Wb = bev.shape
-        p = lidar[mask] if mask is not None else lidar
-        ix = ((p[:, 0] + bev_range) / (2 * bev_range) * Wb).long()
-        iy = ((p[:, 1] + bev_range) / (2 * bev_range) * Hb).long()
-        ok = (ix >= 0) & (ix < Wb) & (iy >= 0) & (iy < Hb) & (p[:, 2] > 0.3)
-        img[:, iy[ok], ix[ok]] = 1.0
-    return img.flip(1).flip(2).transpose(1, 2).flip(2)              # x up, y left
-
-
-def preview(out_dir: str, num_objects: int = 6, num_views: int = 8, res: int = 96, seed: int = 0,
-            driving_res=(96, 176)) -> list[str]:
-    """Write objects.png (rows: objects; views 0-3 are the ring) plus objects_geometry.png (alpha, depth,
-    normals of the first object) and driving.png (rows: frames; columns: the 6 cameras; then depths and
-    BEV labels with LiDAR). Returns the written paths."""
-    from nano4d.utils import save_image_grid
-    from nano4d import driving
-    os.makedirs(out_dir, exist_ok=True)
-    ds = ProceduralObjects(num_objects, num_views, res, seed=seed)
-    t0 = time.time()
-    items = [ds[i] for i in range(num_objects)]
-    t_obj = (time.time() - t0) / num_objects
-    paths = [save_image_grid(os.path.join(out_dir, "objects.png"), [it["images"] for it in items])]
-    it = items[0]
-    paths.append(save_image_grid(os.path.join(out_dir, "objects_geometry.png"), [
-        it["images"], it["alphas"], _colorize_depth(it["depths"], 1.4), it["normals"] * 0.5 + 0.5 * it["alphas"]]))
-    dd = driving.ProceduralDriving(4, res=driving_res, seed=seed)
-    t0 = time.time()
-    s = dd[0]
-    t_drv = time.time() - t0
-    rows = [s["images"][k] for k in range(s["images"].shape[0])]
-    rows += [_colorize_depth(s["depths"][k], 3.0) for k in range(s["images"].shape[0])]
-    rows.append(torch.stack([F.interpolate(bev_image(s["bev"][k], s["lidar"][k], s["lidar_mask"][k])[None],
-                                           size=driving_res, mode="nearest")[0] for k in range(s["bev"].shape[0])]))
-    paths.append(save_image_grid(os.path.join(out_dir, "driving.png"), rows))
-    print(f"objects: {t_obj:.2f} s/sample ({num_views} views at {res}^2); driving: {t_drv:.2f} s/sample "
-          f"(6 cams x {s['images'].shape[0]} frames at {driving_res[0]}x{driving_res[1]}); wrote {', '.join(paths)}")
-    return paths
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m nano4d.data", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("preview", help="write preview PNG grids of procedural objects and a driving sample")
-    p.add_argument("--out", default="runs/preview")
-    p.add_argument("--objects", type=int, default=6)
-    p.add_argument("--views", type=int, default=8)
-    p.add_argument("--res", type=int, default=96)
-    p.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
-    torch.set_num_threads(1)  # many small ops: one thread is fastest, and much faster on a busy machine
-    preview(a.out, a.objects, a.views, a.res, a.seed)
-
-
-if __name__ == "__main__":
-    main()

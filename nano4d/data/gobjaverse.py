@@ -1,13 +1,12 @@
-"""Loaders and writers for real multi-view formats (GeoLRM, MuM): the GObjaverse object layout and folders of
-image sequences. Split out of ``nano4d.data``, which keeps the procedural objects and the shared helpers
-(``DataError``, ``split_seed``, ``composite``...) that this module uses.
+"""The GObjaverse object layout (GeoLRM's training data): reader, writer, dataset, and occupancy from depth.
 
 ``write_gobjaverse_object`` / ``read_gobjaverse_object`` / ``GObjaverseDataset``: objects in the GObjaverse
-layout (real GObjaverse, ``nano4d.meshes`` renders, or a ``ProceduralObjects`` cache); ``gobjaverse_camera``
-converts its camera JSON to an OpenCV c2w + pixel K. ``ImageSequenceFolder``: unposed frames for MuM.
-The nuScenes-style rig JSON (``write_rig``, ``read_rig``, ``RigDataset``) lives in ``nano4d.rig``.
+layout (real GObjaverse, ``nano4d.data.meshes`` renders, or a ``ProceduralObjects`` cache);
+``gobjaverse_camera`` converts its camera JSON to an OpenCV c2w + pixel K. ``occupancy_from_points`` /
+``occupancy_from_depth`` voxelize surface samples or back-projected depth maps into the (Z, Y, X) occupancy
+grid GeoLRM supervises (the one grid-binning function of the project).
 
-Every loader raises ``DataError`` (a ``ValueError``) naming the offending file; nothing is skipped.
+Every reader raises ``DataError`` (a ``ValueError``) naming the offending file and field; nothing is skipped.
 """
 from __future__ import annotations
 
@@ -22,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from nano4d.data import DataError, _background_rgb, _rng, composite, split_seed
-from nano4d.utils import fov_to_K
+from nano4d.cameras import camera_rays, fov_to_K
+from nano4d.data.common import (DataError, as_array, as_float, as_int, background_rgb, check_background, composite,
+                                field, read_json, rng, split_seed)
 
 
 # ============================================================================ GObjaverse layout
@@ -50,28 +50,19 @@ def _camera_json(c2w: torch.Tensor, K: torch.Tensor, width: int, height: int) ->
 
 
 def gobjaverse_camera(meta: dict, width: int, height: int, path: str = "<json>"):
-    """GObjaverse camera JSON dict -> (c2w (4, 4) OpenCV, K (3, 3) pixels); see the layout notes above."""
-    try:
-        c2w = torch.eye(4, dtype=torch.float64)
-        for j, key in enumerate(("x", "y", "z", "origin")):
-            v = torch.tensor(meta[key], dtype=torch.float64)
-            if v.shape != (3,):
-                raise DataError(f"{path}: field {key!r} must be 3 numbers, got {meta[key]!r}")
-            c2w[:3, j] = v
-        if "K" in meta:
-            K = torch.tensor(meta["K"], dtype=torch.float64)
-            if K.shape != (3, 3):
-                raise DataError(f"{path}: field 'K' must be 3x3")
-        else:
-            K = fov_to_K(float(meta["y_fov"]), width, height, fov_x=float(meta["x_fov"])).double()
-    except KeyError as e:
-        raise DataError(f"{path}: missing camera field {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"{path}: malformed camera field ({e})") from None
-    if not torch.isfinite(c2w).all() or not torch.isfinite(K).all():
-        raise DataError(f"{path}: non-finite camera values")
+    """GObjaverse camera JSON dict -> (c2w (4, 4) OpenCV, K (3, 3) pixels); see the layout notes above.
+    DataError naming ``path`` and the field for a missing or malformed field."""
+    c2w = torch.eye(4, dtype=torch.float64)
+    for j, key in enumerate(("x", "y", "z", "origin")):
+        c2w[:3, j] = as_array(field(meta, key, path), (3,), path, key)
+    if "K" in meta:
+        K = as_array(meta["K"], (3, 3), path, "K")
+    else:
+        fov_x, fov_y = (as_float(field(meta, k, path), path, k) for k in ("x_fov", "y_fov"))
+        for k, v in (("x_fov", fov_x), ("y_fov", fov_y)):
+            if not 0 < v < math.pi:
+                raise DataError(f"{path}: field {k!r} must be a field of view in (0, pi) radians, got {v!r}")
+        K = fov_to_K(fov_y, width, height, fov_x=fov_x).double()
     return c2w.float(), K.float()
 
 
@@ -190,16 +181,14 @@ def _read_view(vd: str, v: int):
         raise
     except Exception as e:
         raise DataError(f"{png}: unreadable image ({e})") from None
-    try:
-        with open(js) as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{js}: bad JSON ({e})") from None
+    meta = read_json(js, "camera JSON")
     if not isinstance(meta, dict):
         raise DataError(f"{js}: expected a JSON object")
     H, W = rgba.shape[:2]
-    if "width" in meta and (int(meta["width"]), int(meta["height"])) != (W, H):
-        raise DataError(f"{png}: image is {W}x{H} but {js} says {meta['width']}x{meta['height']}")
+    if "width" in meta or "height" in meta:
+        w, h = (as_int(field(meta, k, js), js, k) for k in ("width", "height"))
+        if (w, h) != (W, H):
+            raise DataError(f"{png}: image is {W}x{H} but {js} says width {w}, height {h}")
     c2w, K = gobjaverse_camera(meta, W, H, js)
     depth = normal = None
     base = os.path.join(vd, f"{v:05d}")
@@ -210,9 +199,10 @@ def _read_view(vd: str, v: int):
             raise DataError(f"{base}_depth.npy: unreadable ({e})") from None
     elif os.path.isfile(base + "_depth.png"):
         if "depth_png_scale" not in meta:
-            raise DataError(f"{js}: 'depth_png_scale' is required next to {base}_depth.png")
+            raise DataError(f"{js}: field 'depth_png_scale' is required next to {base}_depth.png")
+        scale = as_float(meta["depth_png_scale"], js, "depth_png_scale")
         with Image.open(base + "_depth.png") as im:
-            depth = np.asarray(im).astype(np.float32) * float(meta["depth_png_scale"])
+            depth = np.asarray(im).astype(np.float32) * scale
     elif os.path.isfile(base + "_nd.exr"):
         nd = _read_exr(base + "_nd.exr")
         if nd.ndim != 3 or nd.shape[-1] < 4:
@@ -237,6 +227,21 @@ def list_views(obj_dir: str) -> list[int]:
     if not views:
         raise DataError(f"{obj_dir}: no view folders (<view:05d>/) found")
     return views
+
+
+def list_objects(root: str) -> list[str]:
+    """Sorted names of the object folders under ``root`` (every non-hidden sub-folder, each of which must
+    hold view folders); DataError naming ``root`` when it is missing or holds no objects."""
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: GObjaverse root folder not found")
+    names = sorted(n for n in os.listdir(root) if not n.startswith(".") and os.path.isdir(os.path.join(root, n)))
+    if not names:
+        raise DataError(f"{root}: no object folders (<obj_id>/<view:05d>/) in this folder")
+    for n in names:
+        if not any(v.isdigit() for v in os.listdir(os.path.join(root, n))):
+            raise DataError(f"{os.path.join(root, n)}: not an object folder (no <view:05d>/ inside); "
+                            "pass object_ids to choose the objects explicitly")
+    return names
 
 
 def read_gobjaverse_object(obj_dir: str, views=None) -> dict:
@@ -299,8 +304,37 @@ def _resize_views(out: dict, res) -> dict:
     return out
 
 
+def occupancy_from_points(points: torch.Tensor, res: int, lo: float = -0.5, hi: float = 0.5) -> torch.Tensor:
+    """Occupancy (R, R, R) float 0/1 in (Z, Y, X) order over the cube [lo, hi]^3: 1 where a cell holds at
+    least one of the points (N, 3). Cell (k, j, i) spans x in lo + [i, i + 1) (hi - lo) / R (likewise y, z);
+    a point on the upper face counts in the last cell, points outside the cube are ignored."""
+    p = torch.as_tensor(points).reshape(-1, 3).double()
+    inside = ((p >= lo) & (p <= hi)).all(-1)
+    i = ((p[inside] - lo) * (res / (hi - lo))).floor().long().clamp(0, res - 1)
+    occ = torch.zeros(res ** 3)
+    occ[(i[:, 2] * res + i[:, 1]) * res + i[:, 0]] = 1
+    return occ.view(res, res, res)
+
+
+def depth_points(depths: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """World points (N, 3) of z-depth maps (V, 1, H, W) (pixel centres, OpenCV c2w (V, 4, 4), pixel K (V, 3, 3));
+    pixels with depth <= 0 or ``mask`` (V, 1, H, W) false are skipped."""
+    o, d = camera_rays(c2w, K, *depths.shape[-2:])                         # (V, H, W, 3), unit d
+    z_per_t = (d * c2w[:, None, None, :3, 2]).sum(-1)                       # z-depth per unit ray length
+    m = depths[:, 0] > 0
+    if mask is not None:
+        m = m & mask[:, 0].bool()
+    return o[m] + d[m] * (depths[:, 0][m] / z_per_t[m])[:, None]
+
+
+def occupancy_from_depth(depths, alphas, c2w, K, res: int) -> torch.Tensor:
+    """Surface occupancy (R, R, R) (Z, Y, X) over [-0.5, 0.5]^3 from z-depth maps (V, 1, H, W) and alphas
+    (V, 1, H, W): the foreground pixels (alpha > 0.5) back-projected and binned (as GeoLRM's GT tool)."""
+    return occupancy_from_points(depth_points(depths, c2w, K, alphas > 0.5), res)
+
+
 class GObjaverseDataset(Dataset):
-    """Objects stored in the GObjaverse layout (real GObjaverse, ``nano4d.meshes`` renders, or a
+    """Objects stored in the GObjaverse layout (real GObjaverse, ``nano4d.data.meshes`` renders, or a
     ``ProceduralObjects`` cache), returning the same keys as ``ProceduralObjects`` where available:
     images (V, 3, H, W) composited on ``background``, alphas, c2w, K, background, view_ids (V,) int64, and
     depths / normals / occupancy / surface_points when the files exist.
@@ -308,7 +342,7 @@ class GObjaverseDataset(Dataset):
     ``object_ids``: list of object folders relative to ``root`` (e.g. GObjaverse's "<shard>/<id>") or a JSON
     file holding such a list; default: every non-hidden sub-folder of ``root`` (each must hold view folders).
     View choice (``num_views`` V): objects with >= 24 views are read as a 24-view orbit (views 0..23, as in
-    GObjaverse and nano4d.meshes): 4 orbit views 90 deg apart from a random start, then random other views;
+    GObjaverse and nano4d.data.meshes): 4 orbit views 90 deg apart from a random start, then random other views;
     smaller objects: the first ``ring_views`` views (ProceduralObjects' ring), then random others.
     ``random_views=False`` takes views 0..V-1. Randomness is deterministic in (seed, index, epoch);
     call ``set_epoch`` to vary it. ``res``: resize to (H, W) (int = square) with K scaled."""
@@ -320,22 +354,13 @@ class GObjaverseDataset(Dataset):
         self.root, self.num_views, self.seed, self.ring_views, self.random_views = root, num_views, seed, ring_views, random_views
         self.res = None if res is None else ((res, res) if isinstance(res, int) else tuple(res))
         self.background, self.epoch = background, 0
-        if not (isinstance(background, str) and background == "random"):
-            _background_rgb(background)
+        check_background(background)
         if isinstance(object_ids, str):
-            try:
-                with open(object_ids) as f:
-                    object_ids = json.load(f)
-            except (OSError, json.JSONDecodeError) as e:
-                raise DataError(f"{object_ids}: cannot read the object list ({e})") from None
+            path, object_ids = object_ids, read_json(object_ids, "object list")
             if not isinstance(object_ids, list):
-                raise DataError("object list JSON must be a list of folder names")
+                raise DataError(f"{path}: the object list must be a JSON list of folder names")
         if object_ids is None:
-            object_ids = sorted(n for n in os.listdir(root) if not n.startswith(".") and os.path.isdir(os.path.join(root, n)))
-            for n in object_ids:
-                if not any(v.isdigit() for v in os.listdir(os.path.join(root, n))):
-                    raise DataError(f"{os.path.join(root, n)}: not an object folder (no <view:05d>/ inside); "
-                                    "pass object_ids to choose the objects explicitly")
+            object_ids = list_objects(root)
         if not object_ids:
             raise DataError(f"{root}: no objects found")
         self.object_ids = [str(o) for o in object_ids]
@@ -363,95 +388,19 @@ class GObjaverseDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         obj_dir = os.path.join(self.root, self.object_ids[i])
         s = split_seed(self.seed + 7919 * self.epoch, "train", i)
-        rng = _rng(s)
+        g = rng(s)
         try:
-            views = self.choose_views(list_views(obj_dir), rng)
+            views = self.choose_views(list_views(obj_dir), g)
         except DataError as e:
             raise DataError(f"{obj_dir}: {e}") if not str(e).startswith(obj_dir) else e
         r = read_gobjaverse_object(obj_dir, views)
         if self.res is not None:
             r = _resize_views(r, self.res)
-        bg = torch.tensor(rng.uniform(0, 1, 3), dtype=torch.float32) \
-            if isinstance(self.background, str) and self.background == "random" else _background_rgb(self.background)
+        bg = torch.tensor(g.uniform(0, 1, 3), dtype=torch.float32) \
+            if isinstance(self.background, str) and self.background == "random" else background_rgb(self.background)
         item = dict(images=composite(r["images"], r["alphas"], bg), alphas=r["alphas"], c2w=r["c2w"], K=r["K"],
                     background=bg, view_ids=torch.tensor(views))
         for k in ("depths", "normals", "occupancy", "surface_points"):
             if r.get(k) is not None:
                 item[k] = r[k]
         return item
-
-
-# ============================================================================ image-sequence folders
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg")
-
-
-def _load_rgb(path: str, res) -> torch.Tensor:
-    """Image file -> (3, H, W) float in [0, 1], resized so it covers res (H, W) and centre-cropped."""
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if res is not None:
-                H, W = res
-                s = max(H / im.height, W / im.width)
-                w, h = max(W, round(im.width * s)), max(H, round(im.height * s))
-                im = im.resize((w, h), Image.BICUBIC)
-                left, top = (w - W) // 2, (h - H) // 2
-                im = im.crop((left, top, left + W, top + H))
-            a = np.asarray(im, dtype=np.uint8)
-    except Exception as e:
-        raise DataError(f"{path}: unreadable image ({e})") from None
-    return torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 255
-
-
-class ImageSequenceFolder(Dataset):
-    """Unposed multi-view data for MuM: ``<root>/<sequence>/*.{png,jpg,jpeg}`` (video frames or photos of
-    one scene; sorted by file name). Item i: dict(images (V, 3, H, W) in [0, 1], sequence (str)), V drawn
-    uniformly in ``views`` = (min, max) (capped by the sequence length), frames drawn without replacement
-    and returned in file order. Index with ``(i, V)`` to force V (e.g. one V per batch, as MuM's dynamic
-    batches do). Images are resized to cover ``res`` (int = square, None = keep; then all images of a
-    sequence must share one size) and centre-cropped. Deterministic in (seed, index, epoch); ``set_epoch``
-    varies it. Every sequence must hold >= views[0] images; anything unreadable raises DataError."""
-
-    def __init__(self, root: str, views=(2, 12), res=224, seed: int = 0, exts=IMAGE_EXTS):
-        if not os.path.isdir(root):
-            raise DataError(f"{root}: image-sequence root folder not found")
-        lo, hi = views
-        if not 1 <= lo <= hi:
-            raise ValueError(f"views must be (min, max) with 1 <= min <= max, got {views}")
-        self.root, self.views, self.seed, self.epoch = root, (int(lo), int(hi)), seed, 0
-        self.res = None if res is None else ((res, res) if isinstance(res, int) else tuple(res))
-        self.sequences, self.frames = [], []
-        for name in sorted(os.listdir(root)):
-            d = os.path.join(root, name)
-            if name.startswith(".") or not os.path.isdir(d):
-                continue
-            files = sorted(f for f in os.listdir(d) if f.lower().endswith(tuple(exts)))
-            if len(files) < lo:
-                raise DataError(f"{d}: {len(files)} images, fewer than the minimum of {lo} views per sequence")
-            self.sequences.append(name)
-            self.frames.append([os.path.join(d, f) for f in files])
-        if not self.sequences:
-            raise DataError(f"{root}: no sequence folders with images ({', '.join(exts)})")
-
-    def __len__(self) -> int:
-        return len(self.sequences)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __getitem__(self, index) -> dict:
-        i, V = index if isinstance(index, tuple) else (index, None)
-        files = self.frames[i]
-        rng = _rng(split_seed(self.seed + 7919 * self.epoch, "train", i))
-        if V is None:
-            V = int(rng.integers(self.views[0], self.views[1] + 1))
-        V = min(V, len(files))
-        pick = sorted(rng.choice(len(files), size=V, replace=False).tolist())
-        imgs = [_load_rgb(files[j], self.res) for j in pick]
-        for j, im in zip(pick, imgs):
-            if im.shape != imgs[0].shape:
-                raise DataError(f"{files[j]}: size {im.shape[2]}x{im.shape[1]} differs from {files[pick[0]]} "
-                                f"({imgs[0].shape[2]}x{imgs[0].shape[1]}); pass res= to resize")
-        return dict(images=torch.stack(imgs), sequence=self.sequences[i])
