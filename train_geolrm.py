@@ -28,7 +28,7 @@ from nano4d import utils as U
 from nano4d.cameras import look_at
 from nano4d.data.gobjaverse import list_objects, occupancy_from_depth, read_gobjaverse_object
 from nano4d.data.objects import ProceduralObjects
-from nano4d.geolrm import (PRESETS, GeoLRM, GeoLRMConfig, load_dinov2_hf, occupancy_iou, occupancy_loss,
+from nano4d.geolrm import (PRESETS, GeoLRM, GeoLRMConfig, Gaussians, load_dinov2_hf, occupancy_iou, occupancy_loss,
                            recon_loss, render)
 from nano4d.metrics import psnr, ssim
 from nano4d.ply import save_ply
@@ -199,33 +199,26 @@ def upscale(images, min_size: int = 96):
     return F.interpolate(images.float().cpu(), scale_factor=f, mode="nearest") if f > 1 else images
 
 
-@torch.no_grad()
-def reconstruct(model: GeoLRM, images, c2w, K) -> dict:
-    """Inference: one object's views (V, 3, H, W) in [0, 1] on white, c2w (V, 4, 4) OpenCV, K (V, 3, 3)
-    pixels, any V -> its Gaussians (M, .) with padding removed (opacity > 0)."""
-    model.eval()
-    dev = next(model.parameters()).device
-    img, Kr = model_inputs(images[None].to(dev), K[None].to(dev), model.cfg.img_size)
-    g = model.recon(*model.propose_anchors(img, c2w[None].to(dev), Kr), img, c2w[None].to(dev), Kr)
-    keep = g["opacities"][0] > 0
-    return {k: v[0][keep] for k, v in g.items()}
+def reconstruct(model: GeoLRM, images, c2w, K, seed: int = 0) -> Gaussians:
+    """Inference: one object's views (V, 3, H, W) in [0, 1] on white -> its Gaussians (``GeoLRM.reconstruct``)."""
+    return model.reconstruct(images, c2w, K, seed=seed)
 
 
 @torch.no_grad()
-def turntable(g: dict, K, res: int, n: int, distance: float, elevation_deg: float = 20.0):
+def turntable(g: Gaussians, K, res: int, n: int, distance: float, elevation_deg: float = 20.0):
     """Render Gaussians (M, .) from ``n`` cameras on a circle around the origin -> (n, 3, res, res)."""
     az = torch.arange(n, dtype=torch.float64) * (2 * math.pi / n)
     el = math.radians(elevation_deg)
     eye = distance * torch.stack([math.cos(el) * az.cos(), math.cos(el) * az.sin(), torch.full_like(az, math.sin(el))], -1)
     c2w = look_at(eye, torch.zeros(3, dtype=torch.float64)).float()
-    dev = g["means"].device
-    out = render({k: v[None] for k, v in g.items()}, c2w[None].to(dev), K.expand(1, n, 3, 3).to(dev), res, res,
+    dev = g.means.device
+    out = render(Gaussians(*(t[None] for t in g)), c2w[None].to(dev), K.expand(1, n, 3, 3).to(dev), res, res,
                  background=torch.ones(1, n, 3, device=dev))
     return out["rgb"][0].clamp(0, 1)
 
 
-def export(g: dict, path: str, K, res: int, n: int, distance: float) -> tuple:
-    m = save_ply(path, g["means"], g["quats"], g["scales"], g["opacities"], g["rgb"])
+def export(g: Gaussians, path: str, K, res: int, n: int, distance: float) -> tuple:
+    m = save_ply(path, *g)
     strip = U.save_image_grid(path.replace(".ply", "_turntable.png"), [upscale(turntable(g, K, res, n, distance))])
     return m, strip
 

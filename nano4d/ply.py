@@ -1,7 +1,9 @@
-"""Standard 3D Gaussian Splatting ``.ply`` files (graphdeco layout, CONVENTIONS §8).
+"""Standard 3D Gaussian Splatting ``.ply`` files (the graphdeco-inria layout).
 
 One ``vertex`` element, binary little-endian, float32 properties in this order:
 ``x y z nx ny nz f_dc_0 f_dc_1 f_dc_2 [f_rest_*] opacity scale_0 scale_1 scale_2 rot_0 rot_1 rot_2 rot_3``.
+``sh_degree=d`` adds 3 ((d + 1)^2 - 1) zero ``f_rest_*`` columns: the INRIA viewer/trainer asserts that
+count for its default degree 3 (``sh_degree=3``); with the default 0 it needs ``--sh_degree 0``.
 Values are stored *before* activation, as viewers expect: ``opacity = logit(alpha)``, ``scale_i = log(s_i)``,
 ``rot = (w, x, y, z)``, ``f_dc = (rgb - 0.5) / C0`` with C0 = 0.28209479177387814, normals zero.
 ``save_ply`` takes *activated* Gaussians (what the models output) and drops rows with NaN/Inf;
@@ -20,21 +22,27 @@ _BASE = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
 _TAIL = ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
 
 
-def save_ply(path: str, means, quats, scales, opacities, rgb, min_opacity: float = 0.0) -> int:
+def save_ply(path: str, means, quats, scales, opacities, rgb, min_opacity: float = 0.0, sh_degree: int = 0) -> int:
     """Write activated Gaussians (means (M, 3), quats (M, 4) wxyz, scales (M, 3) > 0, opacities (M,) in
-    (0, 1), rgb (M, 3)) as a standard 3DGS ``.ply``. Rows with NaN/Inf or opacity <= ``min_opacity`` are
-    dropped. Returns the number of Gaussians written."""
+    (0, 1), rgb (M, 3)) as a standard 3DGS ``.ply`` (``save_ply(path, *gaussians)`` for a
+    ``nano4d.geolrm.Gaussians``). Rows with NaN/Inf or opacity <= ``min_opacity`` are dropped.
+    ``sh_degree`` > 0 writes that many bands of zero ``f_rest`` coefficients. The bytes depend only on the
+    inputs. Returns the number of Gaussians written."""
+    if sh_degree not in (0, 1, 2, 3):
+        raise ValueError(f"save_ply: sh_degree must be 0, 1, 2 or 3, got {sh_degree!r}")
     t = lambda x: torch.as_tensor(x).detach().float().cpu().reshape(len(means), -1)  # noqa: E731
     means, quats, scales, opacities, rgb = map(t, (means, quats, scales, opacities, rgb))
     eps = 1e-6
+    n_rest = 3 * ((sh_degree + 1) ** 2 - 1)
     cols = torch.cat([
-        means, torch.zeros_like(means), (rgb - 0.5) / SH_C0,
+        means, torch.zeros_like(means), (rgb - 0.5) / SH_C0, torch.zeros(len(means), n_rest),
         torch.logit(opacities.clamp(eps, 1 - eps)), torch.log(scales.clamp_min(1e-12)), quats,
-    ], 1)                                                                             # (M, 17)
+    ], 1)                                                                             # (M, 17 + n_rest)
     keep = torch.isfinite(cols).all(1) & (opacities[:, 0] > min_opacity)
     data = cols[keep].numpy().astype("<f4")
     header = ["ply", "format binary_little_endian 1.0", f"element vertex {len(data)}"]
-    header += [f"property float {n}" for n in _BASE + _TAIL] + ["end_header"]
+    names = _BASE + [f"f_rest_{i}" for i in range(n_rest)] + _TAIL
+    header += [f"property float {n}" for n in names] + ["end_header"]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
