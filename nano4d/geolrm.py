@@ -346,19 +346,34 @@ class ImageEncoder(nn.Module):
         return feats, shapes, starts
 
 
-_HF_RULES = [  # Hugging Face Dinov2Model key -> ImageEncoder key (checkpoint names and transformers >= 5 names)
-    (r"embeddings\.cls_token", "cls_token"),
-    (r"embeddings\.mask_token", "mask_token"),
-    (r"embeddings\.position_embeddings", "pos_embed"),
-    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.\1"),
-    (r"encoder\.layer\.(\d+)\.norm([12])\.(weight|bias)", r"blocks.\1.norm\2.\3"),
-    (r"encoder\.layer\.(\d+)\.attention\.(?:attention\.query|q_proj)\.(weight|bias)", r"blocks.\1.q.\2"),
-    (r"encoder\.layer\.(\d+)\.attention\.(?:attention\.key|k_proj)\.(weight|bias)", r"blocks.\1.k.\2"),
-    (r"encoder\.layer\.(\d+)\.attention\.(?:attention\.value|v_proj)\.(weight|bias)", r"blocks.\1.v.\2"),
-    (r"encoder\.layer\.(\d+)\.attention\.(?:output\.dense|o_proj)\.(weight|bias)", r"blocks.\1.proj.\2"),
-    (r"encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1", r"blocks.\1.ls\2"),
-    (r"encoder\.layer\.(\d+)\.mlp\.fc([12])\.(weight|bias)", r"blocks.\1.fc\2.\3"),
-    (r"layernorm\.(weight|bias)", r"norm.\1"),
+def _rename(key: str, table: list, reverse: bool = False):
+    """Rename ``key`` by the first matching (source, target) template pair of ``table`` ({i}: a layer index,
+    {n}: one character, {p}: a parameter name); ``reverse`` maps target -> source. None if nothing matches."""
+    for src, dst in table:
+        src, dst = (dst, src) if reverse else (src, dst)
+        rx = re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{n\}", r"(?P<n>\w)").replace(r"\{p\}", r"(?P<p>\w+)")
+        if m := re.fullmatch(rx, key):
+            return dst.format(**m.groupdict())
+    return None
+
+
+_HF_NAMES = [  # Hugging Face Dinov2Model key -> ImageEncoder key (checkpoint names, then transformers >= 5 names)
+    ("embeddings.cls_token", "cls_token"),
+    ("embeddings.mask_token", "mask_token"),
+    ("embeddings.position_embeddings", "pos_embed"),
+    ("embeddings.patch_embeddings.projection.{p}", "patch_embed.{p}"),
+    ("encoder.layer.{i}.norm{n}.{p}", "blocks.{i}.norm{n}.{p}"),
+    ("encoder.layer.{i}.attention.attention.query.{p}", "blocks.{i}.q.{p}"),
+    ("encoder.layer.{i}.attention.attention.key.{p}", "blocks.{i}.k.{p}"),
+    ("encoder.layer.{i}.attention.attention.value.{p}", "blocks.{i}.v.{p}"),
+    ("encoder.layer.{i}.attention.output.dense.{p}", "blocks.{i}.proj.{p}"),
+    ("encoder.layer.{i}.layer_scale{n}.lambda1", "blocks.{i}.ls{n}"),
+    ("encoder.layer.{i}.mlp.fc{n}.{p}", "blocks.{i}.fc{n}.{p}"),
+    ("layernorm.{p}", "norm.{p}"),
+    ("encoder.layer.{i}.attention.q_proj.{p}", "blocks.{i}.q.{p}"),
+    ("encoder.layer.{i}.attention.k_proj.{p}", "blocks.{i}.k.{p}"),
+    ("encoder.layer.{i}.attention.v_proj.{p}", "blocks.{i}.v.{p}"),
+    ("encoder.layer.{i}.attention.o_proj.{p}", "blocks.{i}.proj.{p}"),
 ]
 
 
@@ -367,13 +382,10 @@ def map_dinov2_hf(state_dict: dict, where: str = "load_dinov2_hf") -> dict:
     -> ``ImageEncoder`` keys. ValueError names the first key that matches no rule."""
     mapped = {}
     for key, val in state_dict.items():
-        key = key.removeprefix("dinov2.")
-        for pat, rep in _HF_RULES:
-            if re.fullmatch(pat, key):
-                mapped[re.sub(pat, rep, key)] = val
-                break
-        else:
-            raise ValueError(f"{where}: unexpected key {key!r}")
+        new = _rename(key.removeprefix("dinov2."), _HF_NAMES)
+        if new is None:
+            raise ValueError(f"{where}: unexpected key {key.removeprefix('dinov2.')!r}")
+        mapped[new] = val
     return mapped
 
 
@@ -830,22 +842,23 @@ class GeoLRM(nn.Module):
         cfg = GeoLRMConfig(**{**size, **OFFICIAL_FLAGS, **overrides})
         model = cls(cfg)
         own = model.state_dict()
+        stray = [k for k in sd if not k.startswith((S, L))]
+        if stray:
+            raise ValueError(f"from_official: unexpected key {stray[0]!r}")
         mapped = {}
         for pre, net in ((S, "proposal."), (L, "recon.")):
             part = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
             mapped.update({net + k: v for k, v in _map_official_stage(part, pre).items()})
-        stray = [k for k in sd if not k.startswith((S, L))]
-        if stray:
-            raise ValueError(f"from_official: unexpected key {stray[0]!r}")
         for k, v in mapped.items():
             if k not in own:
-                raise ValueError(f"from_official: unexpected key (maps to {k!r})")
+                raise ValueError(f"from_official: unexpected key {_official_name(k)!r}")
             if own[k].shape != v.shape:
-                raise ValueError(f"from_official: {k}: checkpoint shape {tuple(v.shape)} != model {tuple(own[k].shape)}")
+                raise ValueError(f"from_official: {_official_name(k)} -> {k}: checkpoint shape {tuple(v.shape)} "
+                                 f"!= model {tuple(own[k].shape)}")
         missing = [k for k in own if k not in mapped]
         if missing:
-            raise ValueError(f"from_official: state dict lacks the tensor for {missing[0]!r}"
-                             f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
+            raise ValueError(f"from_official: missing key {_official_name(missing[0])!r} (for {missing[0]!r})"
+                             f"{f', and {len(missing) - 1} more' if len(missing) > 1 else ''}")
         model.load_state_dict(mapped)
         return model
 
@@ -856,34 +869,41 @@ def _need(sd: dict, key: str) -> torch.Tensor:
     return sd[key]
 
 
-_OFFICIAL_RULES = [  # one stage of the official checkpoint (prefix stripped) -> ProposalNet / ReconNet keys
-    (r"encoder\.deconv\.0\.(weight|bias)", r"encoder.up.\1"),
-    (r"encoder\.deconv\.1\.(\w+)", r"encoder.up_bn.\1"),
-    (r"encoder\.low_level_encoder\.0\.(weight|bias)", r"encoder.low.\1"),
-    (r"encoder\.low_level_encoder\.1\.(\w+)", r"encoder.low_bn.\1"),
-    (r"transformer\.layers\.(\d+)\.self_attention\.wo\.weight", r"transformer.blocks.\1.proj.weight"),
-    (r"transformer\.layers\.(\d+)\.self_attention_norm\.weight", r"transformer.blocks.\1.norm1.weight"),
-    (r"transformer\.layers\.(\d+)\.cross_attention_norm\.weight", r"transformer.blocks.\1.norm2.weight"),
-    (r"transformer\.layers\.(\d+)\.ffn_norm\.weight", r"transformer.blocks.\1.norm3.weight"),
-    (r"transformer\.layers\.(\d+)\.feed_forward\.(w[123])\.weight", r"transformer.blocks.\1.\2.weight"),
-    (r"transformer\.layers\.(\d+)\.cross_attention\.deformable_attention\.sampling_offsets\.(weight|bias)",
-     r"transformer.blocks.\1.cross.offsets.\2"),
-    (r"transformer\.layers\.(\d+)\.cross_attention\.deformable_attention\.attention_weights\.(weight|bias)",
-     r"transformer.blocks.\1.cross.weights.\2"),
-    (r"transformer\.layers\.(\d+)\.cross_attention\.deformable_attention\.value_proj\.(weight|bias)",
-     r"transformer.blocks.\1.cross.value_proj.\2"),
-    (r"transformer\.layers\.(\d+)\.cross_attention\.output_proj\.(weight|bias)", r"transformer.blocks.\1.cross.out_proj.\2"),
-    (r"transformer\.layers\.(\d+)\.cross_attention\.cross_view_weight\.(weight|bias)",
-     r"transformer.blocks.\1.cross.view_logit.\2"),
-    (r"transformer\.norm\.weight", "transformer.norm.weight"),
-    (r"upsample\.(weight|bias)", r"head.\1"),                                         # proposal occupancy head
-    (r"renderer\.latent_decoder\.([02])\.(weight|bias)", r"head.\1.\2"),              # Gaussian head
+_OFFICIAL_NAMES = [  # one stage of the official checkpoint (prefix stripped) -> ProposalNet / ReconNet keys
+    ("encoder.deconv.0.{p}", "encoder.up.{p}"),
+    ("encoder.deconv.1.{p}", "encoder.up_bn.{p}"),
+    ("encoder.low_level_encoder.0.{p}", "encoder.low.{p}"),
+    ("encoder.low_level_encoder.1.{p}", "encoder.low_bn.{p}"),
+    ("transformer.query_token", "embed"),                                             # (1, 1, d - 3), reshaped
+    ("transformer.layers.{i}.self_attention.wq.weight", "transformer.blocks.{i}.qkv.weight"),  # + wk, wv: fused
+    ("transformer.layers.{i}.self_attention.wo.weight", "transformer.blocks.{i}.proj.weight"),
+    ("transformer.layers.{i}.self_attention_norm.weight", "transformer.blocks.{i}.norm1.weight"),
+    ("transformer.layers.{i}.cross_attention_norm.weight", "transformer.blocks.{i}.norm2.weight"),
+    ("transformer.layers.{i}.ffn_norm.weight", "transformer.blocks.{i}.norm3.weight"),
+    ("transformer.layers.{i}.feed_forward.w{n}.weight", "transformer.blocks.{i}.w{n}.weight"),
+    ("transformer.layers.{i}.cross_attention.deformable_attention.sampling_offsets.{p}", "transformer.blocks.{i}.cross.offsets.{p}"),
+    ("transformer.layers.{i}.cross_attention.deformable_attention.attention_weights.{p}", "transformer.blocks.{i}.cross.weights.{p}"),
+    ("transformer.layers.{i}.cross_attention.deformable_attention.value_proj.{p}", "transformer.blocks.{i}.cross.value_proj.{p}"),
+    ("transformer.layers.{i}.cross_attention.output_proj.{p}", "transformer.blocks.{i}.cross.out_proj.{p}"),
+    ("transformer.layers.{i}.cross_attention.cross_view_weight.{p}", "transformer.blocks.{i}.cross.view_logit.{p}"),
+    ("transformer.norm.weight", "transformer.norm.weight"),
+    ("upsample.{p}", "head.{p}"),                                                     # proposal occupancy head
+    ("renderer.latent_decoder.{n}.{p}", "head.{n}.{p}"),                              # Gaussian head
 ]
+
+
+def _official_name(key: str) -> str:
+    """nano4d key -> the official checkpoint key it comes from (for error messages)."""
+    net, _, rest = key.partition(".")
+    pre = {"proposal": "serializer.", "recon": "lrm_generator."}[net]
+    if rest.startswith("encoder.") and (hf := _rename(rest[len("encoder."):], _HF_NAMES, reverse=True)):
+        return pre + "encoder.model." + hf
+    return pre + (_rename(rest, _OFFICIAL_NAMES, reverse=True) or rest)
 
 
 def _map_official_stage(part: dict, prefix: str) -> dict:
     """Keys of one official stage (``serializer.`` or ``lrm_generator.`` stripped) -> nano4d keys. The
-    DINOv2 backbone goes through the Hugging Face rules, q/k/v are fused, the query token is reshaped."""
+    DINOv2 backbone goes through the Hugging Face names, q/k/v are fused, the query token is reshaped."""
     out, qkv = {}, {}
     dino = {k[len("encoder.model."):]: v for k, v in part.items() if k.startswith("encoder.model.")}
     out.update({"encoder." + k: v for k, v in map_dinov2_hf(dino, "from_official").items()})
@@ -892,15 +912,12 @@ def _map_official_stage(part: dict, prefix: str) -> dict:
             continue
         if m := re.fullmatch(r"transformer\.layers\.(\d+)\.self_attention\.w([qkv])\.weight", key):
             qkv.setdefault(m.group(1), {})[m.group(2)] = val
-        elif key == "transformer.query_token":                                        # (1, 1, dim - 3)
+        elif key == "transformer.query_token":
             out["embed"] = val.reshape(1, -1) if prefix == "serializer." else val.reshape(-1)
+        elif (new := _rename(key, _OFFICIAL_NAMES)) is not None:
+            out[new] = val
         else:
-            for pat, rep in _OFFICIAL_RULES:
-                if re.fullmatch(pat, key):
-                    out[re.sub(pat, rep, key)] = val
-                    break
-            else:
-                raise ValueError(f"from_official: unexpected key {prefix + key!r}")
+            raise ValueError(f"from_official: unexpected key {prefix + key!r}")
     for i, d in qkv.items():
         if set(d) != {"q", "k", "v"}:
             miss = sorted({"q", "k", "v"} - set(d))[0]

@@ -2,6 +2,7 @@
 import ast
 import dataclasses
 import math
+import re
 import os
 import subprocess
 import sys
@@ -381,3 +382,375 @@ def test_gobjaverse_folder_loading_and_depth_occupancy(tmp_path):
     occ = o["occupancy"].bool()
     assert occ.sum() > 0.3 * surface.sum()
     assert (occ & surface.bool()).sum() >= 0.98 * occ.sum()
+
+
+# ----------------------------------------------------------------------------- official behaviours (one test per flag)
+
+
+def test_official_attention_is_head_softmax_then_token_mixing_and_ignores_rope():
+    """The official fp32 branch, written out with loops: softmax over the heads of one token, then the
+    (H, N, D) result re-sliced into tokens. RoPE cannot change it; it does change token attention."""
+    g = torch.Generator().manual_seed(0)
+    B, N, H, D = 2, 5, 3, 6
+    q, k, v = (torch.randn(B, N, H, D, generator=g, dtype=torch.float64) for _ in range(3))
+    o = torch.zeros(B, H, N, D, dtype=torch.float64)
+    for b in range(B):
+        for n in range(N):
+            for h in range(H):
+                w = torch.softmax(torch.stack([q[b, n, h] @ k[b, n, j] for j in range(H)]) / math.sqrt(D), 0)
+                o[b, h, n] = sum(w[j] * v[b, n, j] for j in range(H))
+    want = o.reshape(B, H * N * D).view(B, N, H * D)                                    # memory order (H, N, D)
+    torch.testing.assert_close(G.official_head_attention(q, k, v), want)
+    # in a block: positions have no effect with the flag, and do without it
+    for flag, same in ((True, True), (False, False)):
+        torch.manual_seed(0)
+        blk = G.GeoBlock(12, 2, 6, micro_cfg(official_fp32_attention=flag)).double()
+        x = torch.randn(1, 4, 12, dtype=torch.float64)
+        feats, shapes, starts = torch.randn(1, 20, 6, dtype=torch.float64), torch.tensor([[4, 4], [2, 2]]), torch.tensor([0, 16])
+        ref, vis = torch.rand(1, 1, 4, 2, dtype=torch.float64), torch.ones(1, 1, 4, dtype=torch.bool)
+        p1, p2 = torch.randint(0, 128, (1, 4, 3), generator=g), torch.randint(0, 128, (1, 4, 3), generator=g)
+        with torch.no_grad():
+            a, b = (blk(x, p, None, ref, vis, feats, shapes, starts) for p in (p1, p2))
+        assert torch.allclose(a, b, atol=1e-12) == same
+
+
+def test_official_view_fusion_is_plain_softmax_over_views(torch_path):
+    torch.manual_seed(0)
+    args = dict(dim=12, feat_dim=6, heads=2, points=2)
+    masked, plain = G.DeformCrossAttention(**args), G.DeformCrossAttention(**args, mask_views=False)
+    plain.load_state_dict(masked.state_dict())
+    x, feats = torch.randn(1, 4, 12), torch.randn(2, 20, 6)
+    shapes, starts = torch.tensor([[4, 4], [2, 2]]), torch.tensor([0, 16])
+    ref = torch.rand(1, 2, 4, 2)
+    vis = torch.tensor([[[True, True, False, True], [True, False, False, True]]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x, ref, vis, feats, shapes, starts),
+                                   masked(x, ref, torch.ones_like(vis), feats, shapes, starts))
+        assert not torch.allclose(plain(x, ref, vis, feats, shapes, starts), masked(x, ref, vis, feats, shapes, starts))
+    # the official projection divides by z as is: a point behind the camera lands mirrored, not clamped
+    c2w, K = cameras(1, res=10)
+    behind = (1.5 * c2w[0, :3, 3])[None, None]
+    ref_o, _ = G.project_anchors(behind, c2w[None], K[None], 10, 10, near=None)
+    ref_n, vis_n = G.project_anchors(behind, c2w[None], K[None], 10, 10)
+    assert not vis_n.any() and torch.isfinite(ref_o).all() and not torch.allclose(ref_o, ref_n)
+    assert G.GeoTransformer(12, 1, 2, micro_cfg(official_no_visibility_mask=True)).near is None
+
+
+def test_official_plucker_direction_is_the_z1_camera_ray():
+    c2w, K = cameras(2, seed=3, res=8)
+    unit, raw = G.plucker_rays(c2w[None], K[None], 8, 8), G.plucker_rays(c2w[None], K[None], 8, 8, unit=False)
+    d_cam = torch.einsum("vji,vjhw->vihw", c2w[:, :3, :3], raw[0, :, :3])              # R^T d
+    torch.testing.assert_close(d_cam[:, 2], torch.ones(2, 8, 8))                       # z = 1 in the camera
+    torch.testing.assert_close(d_cam[:, 0, 0, 0], ((0.5 - K[:, 0, 2]) / K[:, 0, 0]))   # pixel centre +0.5
+    torch.testing.assert_close(torch.nn.functional.normalize(raw[0, :, :3], dim=1), unit[0, :, :3])
+    torch.testing.assert_close(torch.linalg.cross(c2w[:, None, None, :3, 3].expand(2, 8, 8, 3),
+                                                  raw[0, :, :3].permute(0, 2, 3, 1), dim=-1),
+                               raw[0, :, 3:].permute(0, 2, 3, 1))
+    enc = G.ImageEncoder(micro_cfg(official_plucker=True, official_conv_no_bias=True))
+    assert enc.up.bias is None and enc.low.bias is None and enc.cfg.official_plucker
+
+
+def test_official_proposal_positions_order_and_shared_query():
+    """16^3 anchors of a 128 grid: RoPE positions are the official truncated indices, tokens x-slowest,
+    head rows (dx, dy, dz), one shared query token."""
+    cfg = micro_cfg(occ_res=128, prop_grid=16, official_rope_positions=True, official_xyz_order=True,
+                    official_shared_query=True, official_cell_positions=True)
+    net = G.ProposalNet(cfg)
+    idx = torch.tensor([0, 8, 16, 25, 33, 42, 50, 59, 67, 76, 84, 93, 101, 110, 118, 127])
+    ix, iy, iz = torch.meshgrid(idx, idx, idx, indexing="ij")
+    assert torch.equal(net.pos, torch.stack([ix, iy, iz], -1).reshape(-1, 3))
+    assert net.embed.shape == (1, cfg.prop_dim - 3)
+    step = net.anchors[1] - net.anchors[0]
+    assert step[0] == step[1] == 0 and step[2] > 0                                      # z fastest
+    torch.testing.assert_close(net.anchors[0], torch.full((3,), -0.5))
+    assert net.anchors[16 * 16, 0] > net.anchors[0, 0]                                  # x slowest
+    # default: integer positions 0..G-1, z slowest
+    d = G.ProposalNet(micro_cfg())
+    assert d.pos.max() == 1 and torch.equal(d.pos[1], torch.tensor([1, 0, 0])) and d.embed.shape[0] == 8
+
+
+def test_official_occupancy_head_row_order(torch_path):
+    """Head row r of token (gx, gy, gz) fills cell (gx u + dx, gy u + dy, gz u + dz) with r = (dx u + dy) u + dz
+    (official), or (dz u + dy) u + dx of token (gz, gy, gx) (default). Grids are (Z, Y, X) either way."""
+    for flag in (False, True):
+        net = G.ProposalNet(micro_cfg(official_xyz_order=flag)).eval()
+        u = net.u
+        with torch.no_grad():
+            net.head.weight.zero_()
+            net.head.bias.copy_(torch.arange(u ** 3).float())
+            images, c2w, K = _recon_inputs(micro_cfg())
+            grid = net(images, c2w, K)[0]                                               # (Z, Y, X)
+        z, y, x = torch.meshgrid(*[torch.arange(8)] * 3, indexing="ij")
+        dz, dy, dx = z % u, y % u, x % u
+        want = (dx * u + dy) * u + dz if flag else (dz * u + dy) * u + dx
+        assert torch.equal(grid, want.float())
+    occ = torch.full((1, 4, 4, 4), -1.0)
+    occ[0, 1, 2, 3] = occ[0, 2, 0, 0] = 1                                               # (z, y, x)
+    assert G.select_anchors(occ, 8).pos[0].tolist() == [[3, 2, 1], [0, 0, 2]]           # z slowest
+    assert G.select_anchors(occ, 8, xyz_order=True).pos[0].tolist() == [[0, 0, 2], [3, 2, 1]]  # x slowest
+    assert G.select_anchors(occ, 8, pad_to_max=True).xyz.shape == (1, 8, 3)
+
+
+def test_proposal_dropout_only_in_training(torch_path):
+    torch.manual_seed(0)
+    net = G.ProposalNet(micro_cfg(prop_dropout=0.5, official_fp32_attention=True))
+    ref = G.ProposalNet(micro_cfg())
+    ref.load_state_dict(net.state_dict())
+    images, c2w, K = _recon_inputs(micro_cfg())
+    with torch.no_grad():
+        net.eval(), ref.eval()
+        assert not torch.equal(net(images, c2w, K), ref(images, c2w, K))              # official attention differs
+        net.train()
+        assert not torch.equal(net(images, c2w, K), net(images, c2w, K))              # dropout active
+    net2 = G.ProposalNet(micro_cfg(prop_dropout=0.5)).eval()
+    ref.load_state_dict(net2.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(net2(images, c2w, K), ref(images, c2w, K))         # eval: no dropout
+
+
+def test_official_loss_flags():
+    g = torch.Generator().manual_seed(0)
+    out = {"rgb": torch.rand(1, 1, 3, 4, 4, generator=g) * 1.4 - 0.2, "alpha": torch.rand(1, 1, 1, 4, 4, generator=g),
+           "depth": torch.rand(1, 1, 1, 4, 4, generator=g)}
+    tgt = {"rgb": torch.rand(1, 1, 3, 4, 4, generator=g), "alpha": torch.zeros(1, 1, 1, 4, 4),
+           "depth": torch.rand(1, 1, 1, 4, 4, generator=g)}
+    tgt["alpha"][..., 0, 1] = 1                                                         # one pixel in the mask
+    cfg, off = micro_cfg(), micro_cfg(official_rgb_clamp=True, official_depth_mask_left=True)
+    rgb = out["rgb"].clone().requires_grad_()
+    G.recon_loss({**out, "rgb": rgb}, tgt, off)["rgb"].backward()
+    outside = (out["rgb"] < 0) | (out["rgb"] > 1)
+    assert outside.any() and (rgb.grad[outside] == 0).all() and (rgb.grad[~outside] != 0).all()
+    a, b = G.recon_loss(out, tgt, cfg), G.recon_loss(out, tgt, off)
+    assert a["depth"] == 0 and b["depth"] > 0                                           # pair with only its left pixel in
+    assert not torch.allclose(a["rgb"], b["rgb"])
+    # the left-only pair, by hand: pixel (0, 1) with its right neighbour, and with the one below
+    err = torch.log1p((out["depth"] - tgt["depth"]).abs())[0, 0, 0]
+    im = tgt["rgb"][0, 0]
+    wx, wy = torch.exp(-(im[:, 0, 2] - im[:, 0, 1]).abs().mean()), torch.exp(-(im[:, 1, 1] - im[:, 0, 1]).abs().mean())
+    torch.testing.assert_close(b["depth"], err[0, 1] * wx + err[0, 1] * wy)
+
+
+def test_official_position_interpolation():
+    enc, off = G.ImageEncoder(micro_cfg(enc_pos_grid=3)), G.ImageEncoder(micro_cfg(enc_pos_grid=3, official_pos_interp=True))
+    off.load_state_dict(enc.state_dict())
+    torch.testing.assert_close(off.pos_embed_for(3, 3), enc.pos_embed_for(3, 3))       # native size: the table
+    a, b = enc.pos_embed_for(2, 2), off.pos_embed_for(2, 2)
+    assert a.shape == b.shape == (1, 5, 24) and (a - b).abs().max() > 1e-3
+    grid = enc.pos_embed[:, 1:].reshape(1, 3, 3, -1).permute(0, 3, 1, 2)
+    want = torch.nn.functional.interpolate(grid, scale_factor=(2.1 / 3, 2.1 / 3), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(b[0, 1:], want.flatten(2)[0].T)
+
+
+# ----------------------------------------------------------------------------- the released checkpoint's layout
+
+
+def official_state_dict(E=24, enc_depth=1, p=8, grid=2, F=12, d=24, depth=(1, 2), heads=2, points=2, u=2, k=2):
+    """Random tensors under exactly the key names and shapes of the released GeoLRM Lightning checkpoint's
+    ``state_dict`` (``serializer.*`` proposal, ``lrm_generator.*`` reconstruction, ``lpips.*``), small sizes."""
+    g = torch.Generator().manual_seed(7)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    hid = 256 * math.ceil(int(8 * d / 3) / 256)
+    sd = {}
+    for pre, layers in (("serializer.", depth[0]), ("lrm_generator.", depth[1])):
+        sd.update({pre + "encoder.model." + key: r(*v.shape) for key, v in hf_dinov2_state_dict(E, enc_depth, p, grid).items()})
+        sd[pre + "encoder.deconv.0.weight"], sd[pre + "encoder.low_level_encoder.0.weight"] = r(E, F, 4, 4), r(F, 9, 4, 4)
+        for bn in ("encoder.deconv.1.", "encoder.low_level_encoder.1."):
+            sd.update({pre + bn + "weight": r(F), pre + bn + "bias": r(F), pre + bn + "running_mean": r(F),
+                       pre + bn + "running_var": r(F).abs() + 0.5, pre + bn + "num_batches_tracked": torch.tensor(7)})
+        sd[pre + "transformer.query_token"] = r(1, 1, d - 3)
+        for i in range(layers):
+            L = f"{pre}transformer.layers.{i}."
+            for w in "qkvo":
+                sd[L + f"self_attention.w{w}.weight"] = r(d, d)
+            for n in ("self_attention_norm", "cross_attention_norm", "ffn_norm"):
+                sd[L + n + ".weight"] = r(d)
+            da = L + "cross_attention.deformable_attention."
+            sd[da + "sampling_offsets.weight"], sd[da + "sampling_offsets.bias"] = r(heads * 2 * points * 2, d), r(heads * 2 * points * 2)
+            sd[da + "attention_weights.weight"], sd[da + "attention_weights.bias"] = r(heads * 2 * points, d), r(heads * 2 * points)
+            sd[da + "value_proj.weight"], sd[da + "value_proj.bias"] = r(d, F), r(d)
+            sd[L + "cross_attention.output_proj.weight"], sd[L + "cross_attention.output_proj.bias"] = r(d, d), r(d)
+            sd[L + "cross_attention.cross_view_weight.weight"], sd[L + "cross_attention.cross_view_weight.bias"] = r(1, d), r(1)
+            sd[L + "feed_forward.w1.weight"], sd[L + "feed_forward.w3.weight"] = r(hid, d), r(hid, d)
+            sd[L + "feed_forward.w2.weight"] = r(d, hid)
+        sd[pre + "transformer.norm.weight"] = r(d)
+    sd["serializer.upsample.weight"], sd["serializer.upsample.bias"] = r(u ** 3, d), r(u ** 3)
+    for i, shape in (("0", (14 * k, d)), ("2", (14 * k, 14 * k))):
+        sd[f"lrm_generator.renderer.latent_decoder.{i}.weight"] = r(*shape)
+        sd[f"lrm_generator.renderer.latent_decoder.{i}.bias"] = r(shape[0])
+    sd["lpips.net.slice1.0.weight"], sd["lpips.lin0.model.1.weight"] = r(4, 3, 3, 3), r(1, 4, 1, 1)
+    return sd
+
+
+SMALL = dict(prop_heads=2, heads=2, n_points=2, occ_res=8, img_size=16, max_tokens=16, max_tokens_infer=24)
+
+
+def test_from_official_loads_every_tensor_of_the_released_layout(torch_path):
+    sd = official_state_dict()
+    model = G.GeoLRM.from_official(sd, **SMALL)
+    cfg = model.cfg
+    assert (cfg.enc_dim, cfg.enc_depth, cfg.patch_size, cfg.enc_pos_grid, cfg.feat_dim) == (24, 1, 8, 2, 12)
+    assert (cfg.prop_dim, cfg.prop_depth, cfg.prop_grid, cfg.dim, cfg.depth, cfg.gaussians_per_token) == (24, 1, 4, 24, 2, 2)
+    assert all(getattr(cfg, k) == v for k, v in G.OFFICIAL_FLAGS.items()) and cfg.prop_dropout == 0.1
+    own = model.state_dict()
+    # every official number (lpips aside) is in the model and the model holds nothing else
+    flat = lambda ts: torch.sort(torch.cat([t.double().flatten() for t in ts])).values  # noqa: E731
+    assert torch.equal(flat(v for k, v in sd.items() if not k.startswith("lpips.")), flat(own.values()))
+    # ... at the right place (one key of each kind)
+    S, L = "serializer.", "lrm_generator."
+    q, k_, v = (sd[f"{L}transformer.layers.1.self_attention.w{w}.weight"] for w in "qkv")
+    assert torch.equal(own["recon.transformer.blocks.1.qkv.weight"], torch.cat([q, k_, v]))
+    assert torch.equal(own["recon.transformer.blocks.1.proj.weight"], sd[f"{L}transformer.layers.1.self_attention.wo.weight"])
+    assert torch.equal(own["proposal.embed"], sd[S + "transformer.query_token"][0])
+    assert torch.equal(own["recon.embed"], sd[L + "transformer.query_token"].flatten())
+    assert torch.equal(own["proposal.head.weight"], sd[S + "upsample.weight"])
+    assert torch.equal(own["recon.head.2.bias"], sd[L + "renderer.latent_decoder.2.bias"])
+    assert torch.equal(own["proposal.encoder.up.weight"], sd[S + "encoder.deconv.0.weight"])
+    assert torch.equal(own["recon.encoder.low_bn.running_var"], sd[L + "encoder.low_level_encoder.1.running_var"])
+    assert torch.equal(own["recon.encoder.blocks.0.q.weight"], sd[L + "encoder.model.encoder.layer.0.attention.attention.query.weight"])
+    assert torch.equal(own["proposal.encoder.mask_token"], sd[S + "encoder.model.embeddings.mask_token"])
+    for a, b in (("norm1", "self_attention_norm"), ("norm2", "cross_attention_norm"), ("norm3", "ffn_norm"),
+                 ("w2", "feed_forward.w2"), ("cross.offsets", "cross_attention.deformable_attention.sampling_offsets"),
+                 ("cross.weights", "cross_attention.deformable_attention.attention_weights"),
+                 ("cross.value_proj", "cross_attention.deformable_attention.value_proj"),
+                 ("cross.out_proj", "cross_attention.output_proj"), ("cross.view_logit", "cross_attention.cross_view_weight")):
+        assert torch.equal(own[f"proposal.transformer.blocks.0.{a}.weight"], sd[f"{S}transformer.layers.0.{b}.weight"]), a
+    # the released model runs: official padding -> max_tokens_infer anchors x 2 Gaussians, all kept
+    images, c2w, K = _recon_inputs(cfg, V=2)
+    gs = model.reconstruct(images[0], c2w[0], K[0])
+    assert gs.means.shape == (24 * 2, 3) and torch.isfinite(gs.means).all()
+
+
+def test_from_official_names_bad_keys():
+    sd = official_state_dict()
+    key = "lrm_generator.transformer.layers.1.feed_forward.w3.weight"
+    with pytest.raises(ValueError, match=re.escape(key)):
+        G.GeoLRM.from_official({k: v for k, v in sd.items() if k != key}, **SMALL)
+    key = "serializer.transformer.layers.0.self_attention.wk.weight"
+    with pytest.raises(ValueError, match=re.escape(key)):
+        G.GeoLRM.from_official({k: v for k, v in sd.items() if k != key}, **SMALL)
+    with pytest.raises(ValueError, match=r"unexpected key 'serializer\.extra\.weight'"):
+        G.GeoLRM.from_official({**sd, "serializer.extra.weight": torch.zeros(1)}, **SMALL)
+    with pytest.raises(ValueError, match=r"unexpected key 'other\.weight'"):
+        G.GeoLRM.from_official({**sd, "other.weight": torch.zeros(1)}, **SMALL)
+    bad = dict(sd)
+    bad["lrm_generator.transformer.layers.0.cross_attention.output_proj.weight"] = torch.zeros(24, 23)
+    with pytest.raises(ValueError, match=r"lrm_generator\.transformer\.layers\.0\.cross_attention\.output_proj\.weight.*\(24, 23\)"):
+        G.GeoLRM.from_official(bad, **SMALL)
+    with pytest.raises(ValueError, match="missing key .lrm_generator.encoder.low_level_encoder.1.running_mean."):
+        G.GeoLRM.from_official({k: v for k, v in sd.items() if k != "lrm_generator.encoder.low_level_encoder.1.running_mean"},
+                               **SMALL)
+
+
+def test_dinov2_loader_accepts_transformers_5_names(torch_path):
+    old = hf_dinov2_state_dict()
+    ren = {"attention.attention.query": "attention.q_proj", "attention.attention.key": "attention.k_proj",
+           "attention.attention.value": "attention.v_proj", "attention.output.dense": "attention.o_proj"}
+    new = {}
+    for key, v in old.items():
+        for a, b in ren.items():
+            key = key.replace(a, b)
+        new[key] = v
+    assert "encoder.layer.0.attention.q_proj.weight" in new
+    cfg = micro_cfg(enc_dim=24, enc_depth=2, enc_heads=2)
+    e1, e2 = G.ImageEncoder(cfg), G.ImageEncoder(cfg)
+    G.load_dinov2_hf(e1, old), G.load_dinov2_hf(e2, new)
+    for k, v in e1.state_dict().items():
+        if not k.startswith(("up", "low")):
+            assert torch.equal(v, e2.state_dict()[k]), k
+
+
+# ----------------------------------------------------------------------------- front door, robustness, API
+
+
+def test_training_step_under_cpu_bf16_autocast(torch_path):
+    torch.manual_seed(0)
+    model = G.GeoLRM(micro_cfg())
+    prop_b, rec_b = _front_door_batches()
+    for stage, batch in (("proposal", prop_b), ("recon", {**rec_b, "anchors": model.gt_anchors(rec_b["occupancy"])})):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, out = model(batch, stage=stage)
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert torch.isfinite(loss) and len(grads) > 10, stage
+        assert all(torch.isfinite(g).all() for g in grads), stage
+    with torch.autocast("cpu", dtype=torch.bfloat16):                                  # the geometry stays fp32
+        c2w, K = cameras(1)
+        assert G.plucker_rays(c2w[None], K[None], 4, 4).dtype == torch.float32
+
+
+def test_nan_inputs_give_a_nonfinite_loss_and_empty_proposals_a_connected_one(torch_path):
+    torch.manual_seed(0)
+    model = G.GeoLRM(micro_cfg())
+    prop_b, rec_b = _front_door_batches()
+    for stage, batch in (("proposal", prop_b), ("recon", rec_b)):
+        bad = {**batch, "images": batch["images"].clone()}
+        bad["images"][0, 0, 0, 0, 0] = float("nan")
+        loss, out = model(bad, stage=stage)                                             # no exception
+        assert not torch.isfinite(loss), stage
+    empty = {**rec_b, "anchors": model.gt_anchors(torch.zeros_like(rec_b["occupancy"]))}
+    assert (empty["anchors"].seg < 0).all()
+    loss, out = model(empty, stage="recon")
+    loss.backward()                                                                     # connected to the graph
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.recon.parameters() if p.grad is not None]
+    assert grads and all((g == 0).all() for g in grads)
+    with pytest.raises(ValueError, match="stage"):
+        model(rec_b, stage="both")
+
+
+def test_reconstruct_is_deterministic_given_the_seed(torch_path, tmp_path):
+    from nano4d.ply import save_ply
+    torch.manual_seed(0)
+    model = G.GeoLRM(micro_cfg(max_tokens_infer=5))
+    images, c2w, K = _recon_inputs(micro_cfg(), V=3)
+    with torch.no_grad():
+        assert (model.proposal.eval()(images, c2w, K) > 0).sum() > 5                    # so it subsamples
+    runs = [model.reconstruct(images[0], c2w[0], K[0], seed=s) for s in (0, 0, 1)]
+    assert isinstance(runs[0], G.Gaussians) and runs[0].means.shape == (10, 3)
+    for a, b in zip(runs[0], runs[1]):
+        assert torch.equal(a, b)
+    assert not torch.equal(runs[0].means, runs[2].means)
+    for i in (0, 1):
+        save_ply(str(tmp_path / f"{i}.ply"), *runs[i])
+    assert open(tmp_path / "0.ply", "rb").read() == open(tmp_path / "1.ply", "rb").read()
+    assert model.training                                                               # mode restored
+
+
+def test_from_checkpoint_reads_a_safetensors_file(tmp_path, torch_path):
+    import json
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    cfg = micro_cfg(official_color_clamp=True)
+    model = G.GeoLRM(cfg)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    meta = {"config": json.dumps({"model": dataclasses.asdict(cfg), "train": {"lr": 1e-4}, "step": 3})}
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata=meta)
+    back = G.GeoLRM.from_checkpoint(str(tmp_path))                                      # the run directory
+    assert back.cfg == cfg
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, sd[k]) and v.dtype == sd[k].dtype, k
+    bad = json.loads(meta["config"])
+    bad["model"]["no_such_field"] = 1
+    save_file(sd, str(tmp_path / "bad.safetensors"), metadata={"config": json.dumps(bad)})
+    with pytest.raises(ValueError, match="no_such_field"):
+        G.GeoLRM.from_checkpoint(str(tmp_path / "bad.safetensors"))
+    blob = open(tmp_path / "model.safetensors", "rb").read()
+    open(tmp_path / "cut.safetensors", "wb").write(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="cut.safetensors"):
+        G.GeoLRM.from_checkpoint(str(tmp_path / "cut.safetensors"))
+
+
+def test_configure_optimizer_groups():
+    model = G.GeoLRM(micro_cfg())
+    opt = model.configure_optimizer(1e-3, weight_decay=0.05, stage="proposal")
+    decay, no = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].startswith("proposal.") for g in opt.param_groups for p in g["params"])
+    assert decay["weight_decay"] == 0.05 and no["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 and "embed" not in names[id(p)] for p in decay["params"])
+    assert any(names[id(p)] == "proposal.embed" for p in no["params"])
+    assert len(decay["params"]) + len(no["params"]) == sum(1 for n, _ in model.named_parameters() if n.startswith("proposal."))
+    assert opt.defaults["fused"] and opt.defaults["betas"] == (0.9, 0.95)
+    off = G.GeoLRM(micro_cfg(official_decay_all=True)).configure_optimizer(1e-3)
+    assert len(off.param_groups[1]["params"]) == 0
