@@ -812,12 +812,14 @@ class GeoLRM(nn.Module):
 
     @classmethod
     def from_official(cls, state_dict: dict, **overrides) -> "GeoLRM":
-        """The released GeoLRM checkpoint (``torch.load(ckpt)["state_dict"]`` of the Lightning GeoLRM
-        wrapper, as ``tools/save_state_dict.py`` writes it): ``serializer.*`` is the proposal stage,
+        """The released GeoLRM weights: ``torch.load("geolrm.ckpt")`` (the Lightning wrapper's state dict as
+        ``tools/save_state_dict.py`` writes it, or a full Lightning checkpoint): ``serializer.*`` is the proposal stage,
         ``lrm_generator.*`` the reconstruction stage, ``lpips.*`` is ignored. Sets every official flag,
         infers the sizes from the tensors; what the tensors cannot tell (heads 16 / 16, sampling points 8,
         occupancy grid 128, 448 px inputs, max tokens 4096 / 8192, offset 0.2, scale 0.02: the released
         configs) can be overridden. ValueError names any missing, unexpected or mis-shaped key."""
+        if isinstance(state_dict.get("state_dict"), dict):                         # a full Lightning checkpoint
+            state_dict = state_dict["state_dict"]
         sd = {k: v for k, v in state_dict.items() if not k.startswith(("lpips.", "ssim."))}
         get = lambda k: _need(sd, k).shape  # noqa: E731
         S, L = "serializer.", "lrm_generator."

@@ -586,7 +586,7 @@ SMALL = dict(prop_heads=2, heads=2, n_points=2, occ_res=8, img_size=16, max_toke
 
 def test_from_official_loads_every_tensor_of_the_released_layout(torch_path):
     sd = official_state_dict()
-    model = G.GeoLRM.from_official(sd, **SMALL)
+    model = G.GeoLRM.from_official({"state_dict": sd, "epoch": 3}, **SMALL)             # a Lightning checkpoint
     cfg = model.cfg
     assert (cfg.enc_dim, cfg.enc_depth, cfg.patch_size, cfg.enc_pos_grid, cfg.feat_dim) == (24, 1, 8, 2, 12)
     assert (cfg.prop_dim, cfg.prop_depth, cfg.prop_grid, cfg.dim, cfg.depth, cfg.gaussians_per_token) == (24, 1, 4, 24, 2, 2)
