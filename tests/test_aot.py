@@ -85,3 +85,44 @@ def test_fails_when_shared_memory_exceeds_the_limit():
     # the same kernel against a device with less shared memory than it needs must fail
     with pytest.raises(AOTError, match=f"sm_80 needs {used} B shared memory > limit {used - 1} B"):
         aot_compile(_dot_kernel, sig, const, targets=(80,), shared_limit={80: used - 1})
+
+
+def test_captured_launch_compiles_with_the_jits_specialization():
+    # the JIT turns a 16-aligned pointer / an int divisible by 16 into divisibility hints and n == 1
+    # into a constant: the vectorized loads only exist in the specialized code
+    import torch
+    from tests.aot import aot_compile_launch, capture_launches
+    x = torch.empty(16384, device="meta")
+    y = torch.empty(16384, device="meta")
+    with capture_launches() as launches:
+        _scale_kernel[(16,)](x, y, 16384, BLOCK=1024)
+        _scale_kernel[(16,)](x[1:], y[1:], 16383, BLOCK=1024)
+    assert len(launches) == 2 and launches[0].grid == (16,)
+    aligned = aot_compile_launch(launches[0], targets=(90,))[90].asm["ptx"]
+    unaligned = aot_compile_launch(launches[1], targets=(90,))[90].asm["ptx"]
+    assert "ld.global.v4" in aligned
+    assert "ld.global.v4" not in unaligned
+    # the signature path without divisibility hints cannot vectorize either
+    plain = aot_compile(_scale_kernel, SIG, {"BLOCK": 1024}, targets=(90,), attrs={})[90].asm["ptx"]
+    assert "ld.global.v4" not in plain
+
+
+def test_capture_runs_nothing_and_restores_launching():
+    import torch
+    x = torch.zeros(3, 50)
+    y = torch.full((3,), 7.0)
+    from tests.aot import capture_launches
+    with capture_launches() as launches:
+        _rowsum_kernel[(3,)](x, y, 50, BLOCK=64)
+    assert len(launches) == 1 and torch.equal(y, torch.full((3,), 7.0))
+    _rowsum_kernel[(3,)](x, y, 50, BLOCK=64)
+    torch.testing.assert_close(y, torch.full((3,), 25.0))
+
+
+def test_stats_report_registers_and_spills():
+    from tests.aot import aot_compile_launch, capture_launches
+    import torch
+    with capture_launches() as launches:
+        _scale_kernel[(16,)](torch.empty(64, device="meta"), torch.empty(64, device="meta"), 64, BLOCK=64)
+    md = aot_compile_launch(launches[0], targets=(90,), stats=True)[90].metadata
+    assert 0 < md.regs <= 255 and md.spill_stores == 0 and md.stack == 0

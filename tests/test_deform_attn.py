@@ -306,24 +306,6 @@ def test_opcheck():
 
 # ----------------------------------------------------------------------------- ahead-of-time compile
 
-_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
-
-
-def _fwd_sig(p):
-    return {"value_ptr": p, "shapes_ptr": "*i64", "starts_ptr": "*i64", "loc_ptr": p, "attw_ptr": p,
-            "out_ptr": p, "Q": "i32", "H": "i32", "M": "i32", "P": "i32", "D": "i32", "n_qblocks": "i32",
-            **{f"stride_v{c}": "i64" for c in "bshd"}, **{f"stride_o{c}": "i64" for c in "bqhd"},
-            "BLOCK_Q": "constexpr", "BLOCK_D": "constexpr", "ACC": "constexpr"}
-
-
-def _bwd_sig(p):
-    return {"value_ptr": p, "shapes_ptr": "*i64", "starts_ptr": "*i64", "loc_ptr": p, "attw_ptr": p,
-            "gout_ptr": p, "gvalue_ptr": "*fp32", "gloc_ptr": p, "gattw_ptr": p,
-            "Q": "i32", "H": "i32", "M": "i32", "P": "i32", "D": "i32", "S": "i32", "n_qblocks": "i32",
-            **{f"stride_v{c}": "i64" for c in "bshd"}, **{f"stride_g{c}": "i64" for c in "bqhd"},
-            "BLOCK_Q": "constexpr", "BLOCK_D": "constexpr", "ACC": "constexpr"}
-
-
 # Every BLOCK_D bucket of the launcher's GPU heuristic (16, 32, 64, 128, 256) in bf16 for sm_90 and
 # sm_80; fp32 and fp16 (which only change the load/convert instructions) at GeoLRM's D = 48 on sm_90.
 # ~1 s of CPU per compile: this matrix is what fits in the file's test budget.
@@ -331,23 +313,31 @@ AOT_CASES = [(8, torch.bfloat16), (24, torch.bfloat16), (48, torch.bfloat16), (1
              (256, torch.bfloat16), (48, torch.float32), (48, torch.float16)]
 
 
+def capture_fwd_bwd(D, dtype, H=16):
+    """The launches one forward + backward makes (GPU block sizes; nothing runs), at the models' head
+    count so the strides the JIT specializes on are the models' (H * D)."""
+    from tests.aot import capture_launches
+    value, ss, starts, loc, w = make_inputs(0, 1, 8, H, D, [(3, 7), (2, 2)], 2)
+    leaves = [t.to(dtype).requires_grad_() for t in (value, loc, w)]
+    with capture_launches() as launches:
+        out = deform_attn(leaves[0], ss, starts, leaves[1], leaves[2])
+        out.backward(torch.ones_like(out))
+    assert [x.name for x in launches] == ["_deform_attn_fwd_kernel", "_deform_attn_bwd_kernel"]
+    return launches
+
+
 @pytest.mark.parametrize("D,dtype", AOT_CASES, ids=[f"D{d}-{str(t)[6:]}" for d, t in AOT_CASES])
 def test_aot_compile(D, dtype):
-    """Forward and backward kernels at the launcher's real GPU block sizes and warps."""
-    import triton.language as tl
-
-    from tests.aot import aot_compile
-    block_q, block_d, warps = DA._block_sizes(D, 20000, interpret=False)
-    assert block_d >= D and block_d & (block_d - 1) == 0
-    const = {"BLOCK_Q": block_q, "BLOCK_D": block_d, "ACC": tl.float32}
+    """Forward and backward kernels as the JIT compiles them at the launcher's real GPU configuration."""
+    from tests.aot import aot_compile_launch
     targets = (90, 80) if dtype == torch.bfloat16 else (90,)
-    for kernel, sig in ((DA._deform_attn_fwd_kernel, _fwd_sig), (DA._deform_attn_bwd_kernel, _bwd_sig)):
-        out = aot_compile(kernel, sig(_PTR[dtype]), const, targets=targets, num_warps=warps)
+    fwd, bwd = capture_fwd_bwd(D, dtype)
+    for launch in (fwd, bwd):
+        out = aot_compile_launch(launch, targets=targets)
         for arch, compiled in out.items():
-            print(f"{kernel.__name__} {dtype} D={D} BLOCK_Q={block_q} BLOCK_D={block_d} warps={warps} "
-                  f"sm_{arch}: shared {compiled.metadata.shared} B")
-        if kernel is DA._deform_attn_bwd_kernel:   # grad_value really is accumulated with global atomics
-            assert "red.global" in out[90].asm["ptx"] or "atom.global" in out[90].asm["ptx"]
+            print(f"{launch.name} {dtype} D={D} {launch.kwargs} sm_{arch}: shared {compiled.metadata.shared} B")
+    ptx = out[90].asm["ptx"]          # grad_value really is accumulated with global atomics
+    assert "red.global" in ptx or "atom.global" in ptx
 
 
 def test_block_sizes_cover_every_bucket():

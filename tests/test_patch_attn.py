@@ -471,47 +471,24 @@ def test_very_negative_logits_with_a_key_tail_stay_finite():
 
 # ----------------------------------------------------------------------------- ahead-of-time compile
 
-_TS = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}
-_CONSTEXPR = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "HAS_SEG", "EVEN_N", "UPCAST", "IEEE", "ACC", "BLOCK_R", "BLOCK_C",
-              "CHUNK")
-
-
-def _signature(fn, ptrs):
-    import inspect
-    names = list(inspect.signature(getattr(fn, "fn", fn)).parameters)
-    return {n: ptrs.get(n, "constexpr" if n in _CONSTEXPR else ("fp32" if "scale" in n else "i32")) for n in names}
-
-
 def _aot_all_kernels(dtype, block_d, has_seg=True):
-    """Compile fwd, preprocess, dK/dV, dQ at the launcher's real (non-interpreted) block sizes.
-    With ids: the ragged-tail variant (EVEN_N False) and the block-range pre-pass; without ids: the
-    FlashAttention-sweep variant (EVEN_N True)."""
-    from tests.aot import aot_compile
-    import triton.language as tl
-    t = _TS[dtype]
-    acc, st = (tl.float64, "*fp64") if dtype == torch.float64 else (tl.float32, "*fp32")
+    """Capture one forward + backward through the public op (GPU block sizes, nothing runs) and compile
+    every launch as the JIT would: fwd, preprocess, dK/dV, dQ and, with ids, the block-range pre-passes.
+    With ids: a ragged tail (EVEN_N False); without ids: the FlashAttention sweep (EVEN_N True)."""
+    from tests.aot import aot_compile_launch, capture_launches
+    N = 300 if has_seg else 256
+    q, k, v = (torch.randn(1, 2, N, block_d, dtype=dtype).requires_grad_() for _ in range(3))
+    seg = (torch.arange(N) // 100)[None] if has_seg else None
+    with capture_launches() as launches:
+        out = patch_attention(q, k, v, seg)
+        out.backward(torch.ones_like(out))
+    names = {x.name for x in launches}
+    assert {"_patch_attn_fwd_kernel", "_patch_attn_bwd_dkdv_kernel", "_patch_attn_bwd_dq_kernel"} <= names
+    assert ("_patch_attn_ranges_kernel" in names) == has_seg
     shared = {}
-    cx = dict(BLOCK_D=block_d, HAS_SEG=has_seg, EVEN_N=not has_seg, UPCAST=False, IEEE=dtype == torch.float32,
-              ACC=acc)
-    BM, BN, w, s = pa._fwd_config(block_d, dtype)
-    ptrs = dict(Q=t, K=t, V=t, SEG="*i32", RANGE="*i32", O=t, LSE=st)
-    r = aot_compile(pa._patch_attn_fwd_kernel, _signature(pa._patch_attn_fwd_kernel, ptrs),
-                    dict(cx, BLOCK_M=BM, BLOCK_N=BN), num_warps=w, num_stages=s)
-    shared["fwd"] = {a: c.metadata.shared for a, c in r.items()}
-    r = aot_compile(pa._patch_attn_bwd_preprocess_kernel,
-                    _signature(pa._patch_attn_bwd_preprocess_kernel, dict(O=t, DO=t, DELTA=st)),
-                    dict(BLOCK_M=64, BLOCK_D=block_d, ACC=acc))
-    BM, BN, w, s = pa._bwd_config(block_d, dtype)
-    ptrs = dict(Q=t, K=t, V=t, SEG="*i32", RANGE="*i32", DO=t, LSE=st, DELTA=st, DK=t, DV=t, DQ=t)
-    for name, fn in (("dkdv", pa._patch_attn_bwd_dkdv_kernel), ("dq", pa._patch_attn_bwd_dq_kernel)):
-        r = aot_compile(fn, _signature(fn, ptrs), dict(cx, BLOCK_M=BM, BLOCK_N=BN), num_warps=w, num_stages=s)
-        shared[name] = {a: c.metadata.shared for a, c in r.items()}
-    pairs = {(pa._fwd_config(block_d, dtype)[:2]), (BN, BM), (BM, BN)} if has_seg else set()  # range pre-pass
-    for br, bc in sorted(pairs):
-        r = aot_compile(pa._patch_attn_ranges_kernel,
-                        _signature(pa._patch_attn_ranges_kernel, dict(SEG="*i32", RANGE="*i32")),
-                        dict(BLOCK_R=br, BLOCK_C=bc, CHUNK=4096 // bc))
-        shared[f"ranges{br}x{bc}"] = {a: c.metadata.shared for a, c in r.items()}
+    for launch in launches:
+        r = aot_compile_launch(launch)
+        shared[f"{launch.name}{launch.kwargs.get('BLOCK_R', '')}"] = {a: c.metadata.shared for a, c in r.items()}
     print(f"patch_attn AOT {dtype} BLOCK_D={block_d} ids={has_seg}: shared bytes {shared}")
     return shared
 

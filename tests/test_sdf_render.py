@@ -398,44 +398,36 @@ def test_sdf_gradient_ref_linear_field_and_double_backward():
 
 # ----------------------------------------------------------------------------- ahead-of-time compile
 
-def _aot_signature(kernel, vol_ptr):
-    sig = {}
-    for name in kernel.arg_names:
-        if name in ("BLOCK_R", "BLOCK_F", "CDT"):
-            sig[name] = "constexpr"
-        elif name in ("sdf_ptr", "fv_ptr"):
-            sig[name] = vol_ptr
-        elif name == "nsec_ptr":
-            sig[name] = "*i32"
-        elif name.endswith("_ptr"):
-            sig[name] = "*fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+def _aot_launches(vol_dtype=torch.float32, C=33):
+    """The launches of one forward + backward through the public op (GPU block sizes; nothing runs)."""
+    from tests.aot import capture_launches
+    vol = torch.randn(1, C, 4, 5, 6, dtype=vol_dtype).requires_grad_()
+    o = torch.zeros(1, 64, 3).requires_grad_()
+    d = torch.ones(1, 64, 3).requires_grad_()
+    t = torch.linspace(0, 1, 12).expand(1, 64, 12).contiguous().requires_grad_()
+    inv_s = torch.tensor(20.0).requires_grad_()
+    with capture_launches() as launches:
+        feat, depth, opac = render_sdf(vol, o, d, t, inv_s)
+        (feat.sum() + depth.sum() + opac.sum()).backward()
+    return launches
 
 
-@pytest.mark.parametrize("kernel", ["fwd", "bwd"])
-def test_aot_compile_gpu_config(kernel):
-    """The launcher's single GPU block configuration, for sm_90 and sm_80."""
-    import triton.language as tl
-    from tests.aot import aot_compile
-    BR, BF, warps = SR._pick_blocks(gpu=True)
-    assert (BR, BF, warps) == (32, 32, 4)
-    fn = SR._sdf_render_fwd_kernel if kernel == "fwd" else SR._sdf_render_bwd_kernel
-    out = aot_compile(fn, _aot_signature(fn, "*fp32"), {"BLOCK_R": BR, "BLOCK_F": BF, "CDT": tl.float32},
-                      num_warps=warps)
-    for arch, c in out.items():
-        print(f"sdf_render {kernel} sm_{arch}: shared {c.metadata.shared} B")
+def test_aot_compile_gpu_config():
+    """The launcher's GPU configuration, compiled as the JIT would, for sm_90 and sm_80."""
+    from tests.aot import aot_compile_launch
+    launches = _aot_launches()
+    assert [x.name for x in launches] == ["_sdf_render_fwd_kernel", "_sdf_render_bwd_kernel"]
+    for launch in launches:
+        for arch, c in aot_compile_launch(launch).items():
+            print(f"sdf_render {launch.name} {launch.kwargs} sm_{arch}: shared {c.metadata.shared} B")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("vol_ptr", ["*bf16", "*fp16"])
-def test_aot_compile_low_precision_volume(vol_ptr):
-    import triton.language as tl
-    from tests.aot import aot_compile
-    for fn in (SR._sdf_render_fwd_kernel, SR._sdf_render_bwd_kernel):
-        aot_compile(fn, _aot_signature(fn, vol_ptr), {"BLOCK_R": 32, "BLOCK_F": 32, "CDT": tl.float32},
-                    targets=(90,))
+@pytest.mark.parametrize("vol_dtype", [torch.bfloat16, torch.float16])
+def test_aot_compile_low_precision_volume(vol_dtype):
+    from tests.aot import aot_compile_launch
+    for launch in _aot_launches(vol_dtype):
+        aot_compile_launch(launch, targets=(90,))
 
 
 # ----------------------------------------------------------------------------- GPU, real sizes
