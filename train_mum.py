@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nano4d.data.gobjaverse import GObjaverseDataset
 from nano4d.data.objects import ProceduralObjects
 from nano4d.data.sequences import ImageSequenceFolder
-from nano4d.mum import PRESETS, MuM, MuMConfig, configure_optimizer
+from nano4d.mum import PRESETS, MuM, MuMConfig, mark_views_dynamic
 from nano4d.utils import (ProgressLogger, all_reduce_mean, cleanup_dist, config_to_dict, is_main, load_resume, lr_at,
                           parse_config, print0, save_checkpoint, save_image_grid, save_json, setup_dist)
 
@@ -155,9 +155,9 @@ def evaluate(model, images, device, step, tc, preview=True):
         losses, first = [], None
         for i in range(0, len(images), 4):
             x = images[i:i + 4].to(device)
-            loss, pred, mask = model(x)
+            loss, out = model({"images": x})
             losses.append(float(loss) * len(x))
-            first = first or (x, pred, mask)
+            first = first or (x, out["pred"], out["mask"])
     model.train()
     if preview and is_main():
         x, pred, mask = first
@@ -206,7 +206,7 @@ def main(argv=None):
     model = MuM(mc).to(device)
     images_per_step = tc.images_per_batch * tc.grad_accum * di.world_size
     base_lr = tc.blr * images_per_step / 256
-    opt = configure_optimizer(model, base_lr, tc.weight_decay, fused=False)
+    opt = model.configure_optimizer(base_lr, tc.weight_decay)
     start, _ = load_resume(tc.out_dir, model, opt, expect_config={"model": config["model"]})
     print0(f"MuM {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {images_per_step} img/step | "
            f"lr {base_lr:.2e} | world {di.world_size} | " + (f"resumed at step {start}" if start else "from scratch"))
@@ -229,9 +229,11 @@ def main(argv=None):
         n_img, loss_sum = 0, 0.0
         for micro in range(tc.grad_accum):
             x = sample_batch(train_ds, tc).to(device)
+            if tc.compile:
+                mark_views_dynamic(x)
             sync = nullcontext() if not di.ddp or micro == tc.grad_accum - 1 else dmodel.no_sync()
             with sync, amp:
-                loss = dmodel(x)[0]
+                loss = dmodel({"images": x})[0]
             with sync:
                 (loss / tc.grad_accum).backward()
             loss_sum += loss.detach().float() / tc.grad_accum

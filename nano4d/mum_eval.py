@@ -1,6 +1,7 @@
 """Frozen-feature dense matching of a MuM encoder on a real stereo pair (Middlebury 2014 "Motorcycle").
 
     python -m nano4d.mum_eval runs/mum/model.safetensors [--scale 1.0] [--out runs/mum/match.json]
+    python -m nano4d.mum_eval --official MuM_ViTLarge.pth        # a released davnords/MuM state dict
 
 Both views of `skimage.data.stereo_motorcycle()` (500x741, rectified, ground-truth disparity) are encoded
 with `MuM.encode` (no masking). Patch features are L2-normalised and matched by mutual nearest neighbour
@@ -9,9 +10,11 @@ ground-truth disparities inside the patch (patches with < half valid pixels, or 
 the right image, are skipped). PCK@k = fraction of mutual matches whose predicted right-patch centre lies
 within k patches (Euclidean) of the true location; dense PCK@k is the same for the plain nearest neighbour
 of every valid left patch (mutual matching keeps only confident patches, and there even raw pixels score
-high on a rectified pair, so the dense numbers separate feature quality better). The same architecture at random init is the baseline
-averaged over 3 seeds (MuM's claim: multi-view masked pretraining makes encoder features match across views); two feature-free
-references are printed for scale: raw normalised pixels of the patch, and "zero motion" (patch i -> i).
+high on a rectified pair, so the dense numbers separate feature quality better). The baseline is the same
+architecture and config at random init, averaged over 3 seeds (for --official: the official architecture
+with the official init). MuM's claim: multi-view masked pretraining makes encoder features match across
+views. Two feature-free references are printed for scale: raw normalised pixels of the patch, and "zero
+motion" (patch i -> i).
 Needs scikit-image (in the optional `test` extra).
 """
 import argparse
@@ -21,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nano4d.mum import MuM, MuMConfig
+from nano4d.mum import MuM
 
 
 def load_motorcycle(scale: float = 1.0, patch: int = 16):
@@ -98,22 +101,32 @@ def reference_scores(patch: int = 16, scale: float = 1.0) -> dict:
     return out
 
 
-def compare(ckpt: str, scale: float = 1.0, seeds=(0, 1, 2)) -> dict:
-    """Trained checkpoint vs the same architecture at random init (mean over ``seeds``; each seed's numbers
-    are kept in ``random_init_seeds``), plus the feature-free references."""
-    from nano4d.utils import load_weights
-    sd, config = load_weights(ckpt)
-    cfg = MuMConfig(**config["model"])
-    trained = MuM(cfg)
-    trained.load_state_dict(sd)
+def load_official(path: str) -> MuM:
+    """A davnords/MuM ``.pth`` state dict (autoencoder or encoder-only; a training checkpoint's ``{"model": sd}``
+    is unwrapped) -> MuM via `MuM.from_official`."""
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
+        sd = sd["model"]
+    return MuM.from_official(sd)
+
+
+def compare(ckpt: str = "", scale: float = 1.0, seeds=(0, 1, 2), official: str = "") -> dict:
+    """Trained checkpoint (``ckpt``: model.safetensors or its run dir; or ``official``: a released .pth) vs the
+    same architecture at random init (mean over ``seeds``; each seed's numbers are kept in
+    ``random_init_seeds``), plus the feature-free references."""
+    if bool(ckpt) == bool(official):
+        raise ValueError("compare: give exactly one of ckpt or official")
+    trained = load_official(official) if official else MuM.from_checkpoint(ckpt)
+    cfg = trained.cfg
     t = time.time()
     rand = []
     for s in seeds:
         torch.manual_seed(s)
         rand.append(evaluate_model(MuM(cfg), scale))
     mean = {k: sum(r[k] for r in rand) / len(rand) for k in rand[0]}
-    res = {"checkpoint": ckpt, "scale": scale, "trained": evaluate_model(trained, scale), "random_init": mean,
-           "random_init_seeds": rand, **reference_scores(cfg.patch_size, scale)}
+    res = {"checkpoint": ckpt or official, "official": bool(official), "scale": scale,
+           "trained": evaluate_model(trained, scale), "random_init": mean, "random_init_seeds": rand,
+           **reference_scores(cfg.patch_size, scale)}
     res["seconds"] = time.time() - t
     return res
 
@@ -132,12 +145,15 @@ def format_table(res: dict) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
-    ap.add_argument("ckpt", help="model.safetensors written by train_mum.py")
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.strip().split("\n")[0])
+    ap.add_argument("ckpt", nargs="?", default="", help="model.safetensors written by train_mum.py (or its run dir)")
+    ap.add_argument("--official", default="", help="a released davnords/MuM .pth state dict instead of ckpt")
     ap.add_argument("--scale", type=float, default=1.0, help="resize the 500x741 pair by this factor first")
     ap.add_argument("--out", default="", help="write the results as JSON here")
     args = ap.parse_args(argv)
-    res = compare(args.ckpt, args.scale)
+    if bool(args.ckpt) == bool(args.official):
+        ap.error("give a checkpoint or --official PATH (not both)")
+    res = compare(args.ckpt, args.scale, official=args.official)
     print(format_table(res))
     if args.out:
         with open(args.out, "w") as f:
