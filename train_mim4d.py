@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nano4d.data.driving import ProceduralDriving
 from nano4d.data.rig import RigDataset, lidar_to_depths
 from nano4d.metrics import psnr
-from nano4d.mim4d import MIM4D, PRESETS, MIM4DConfig
+from nano4d.mim4d import MIM4D, PRESETS, MIM4DConfig, sample_rays
 from nano4d.utils import (ProgressLogger, cleanup_dist, config_to_dict, is_main, load_resume,
                           lr_at, parse_config, print0, save_checkpoint, save_image_grid, save_json,
                           setup_dist)
@@ -62,12 +62,14 @@ def make_data(tc: TrainConfig, mc: MIM4DConfig, split: str, rank: int, world: in
         n = tc.train_scenes if split == "train" else tc.val_scenes
         ds = ProceduralDriving(num_scenes=n, num_frames=mc.num_frames, res=mc.img_size, split=split, seed=tc.seed)
         ids = list(range(n))
-    keys = ("images", "depths", "K", "cam2ego", "ego2world")
+    keys = ("images", "depths", "K", "cam2ego", "ego2world", "lidar2ego")
     samples = []
     for i in ids[rank::world] if split == "train" else ids:
         s = ds[i]
         if "depths" not in s:
             s["depths"] = lidar_to_depths(s["lidar"], s["lidar_mask"], s["K"], s["cam2ego"], *mc.img_size)
+        if "lidar2ego" not in s:                     # no LiDAR calibration: the volume is taken in the ego frame
+            s["lidar2ego"] = torch.eye(4)
         samples.append({k: s[k] for k in keys})
     return samples
 
@@ -78,57 +80,53 @@ def collate(samples, device):
 
 @torch.no_grad()
 def evaluate(model, val, device, run_dir=None, step=0):
-    """Held-out: render each target frame from (a) the predicted volume, (b) the warp-only baseline, (c) the
-    directly encoded volume; RGB PSNR and depth AbsRel / L1 (metres) on rays with ground truth."""
+    """Held-out, through the model's front door in eval mode: every frame of each sample rendered from (a) the
+    predicted volume, (b) the warp-only baseline, (c) the directly encoded volume; RGB PSNR and depth AbsRel /
+    L1 (metres) on rays with ground truth. Masks and rays are drawn from a fixed seed."""
     model.eval()
-    g = torch.Generator().manual_seed(1234)
     acc = {}
     preview = []
-    for i, s in enumerate(val):
-        b = collate([s], device)
-        T = b["images"].shape[1]
-        vols = model.encode_frames(b["images"], b["K"], b["cam2ego"])          # unmasked inputs at eval
-        for tgt in range(T):
-            pred, warp = model.predict_frame(vols, b["ego2world"], tgt)
-            rays = model.sample_rays(b["depths"][:, tgt], b["K"], b["cam2ego"], g)
-            _, _, pix, gt, ok = rays
-            target = b["images"][:, tgt].permute(0, 1, 3, 4, 2).reshape(1, -1, 3).gather(1, pix[..., None].expand(-1, -1, 3))
-            for name, vol in (("pred", pred), ("warp", warp), ("direct", vols[:, tgt])):
-                _, _, out = model.render_loss(vol, rays, b["images"][:, tgt], perturb=False)
-                m = out["mask"][0] > 0
-                rgb, dep = out["rgb"][0][m], out["depth"][0][m]
-                vals = {f"{name}_psnr": psnr(rgb.T[None, :, :, None], target[0][m].T[None, :, :, None]).item(),
-                        f"{name}_absrel": ((dep - gt[0][m]).abs() / gt[0][m]).mean().item(),
-                        f"{name}_l1": (dep - gt[0][m]).abs().mean().item()}
-                for k, v in vals.items():
-                    acc.setdefault(k, []).append(v)
-        if run_dir and i < 2:                                                   # preview: front camera, frame 1
-            preview.append(render_preview(model, b, vols, tgt=1 % T))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(1234)
+        for i, s in enumerate(val):
+            b = collate([s], device)
+            _, out = model(b)
+            for t, rays in enumerate(out["rays"]):
+                gt_rgb = out["rgb_gt"][t][0]
+                for name, renders in out["renders"].items():
+                    ren = renders[t]
+                    m = (rays.valid & ren.hit)[0]
+                    rgb, dep, gt = ren.rgb[0][m], ren.depth[0][m], rays.depth[0][m]
+                    vals = {f"{name}_psnr": psnr(rgb.T[None, :, :, None], gt_rgb[m].T[None, :, :, None]).item(),
+                            f"{name}_absrel": ((dep - gt).abs() / gt).mean().item(),
+                            f"{name}_l1": (dep - gt).abs().mean().item()}
+                    for k, v in vals.items():
+                        acc.setdefault(k, []).append(v)
+            if run_dir and i < 2:                                               # preview: front camera, newest frame
+                preview.append(render_preview(model, b, tgt=b["images"].shape[1] - 1))
     if run_dir and preview and is_main():
         save_image_grid(os.path.join(run_dir, f"preview_{step:06d}.png"), preview)
     model.train()
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
-def render_preview(model, b, vols, tgt, cam=0):
-    """target image | RGB rendered from the predicted volume | rendered depth | GT depth (one camera)."""
+def render_preview(model, b, tgt, cam=0):
+    """target image | RGB rendered from the predicted volume | rendered depth | GT depth (one camera, half size)."""
     H, W = b["images"].shape[-2:]
     h, w = H // 2, W // 2
-    K = b["K"].clone()
+    K = b["K"][:, cam:cam + 1].clone()
     K[:, :, :2] /= 2
-    v, u = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
-    d_cam = torch.stack([u, v, torch.ones_like(u)], -1).reshape(-1, 3).to(K) @ torch.linalg.inv(K[0, cam]).T
-    c2e = b["cam2ego"][0, cam]
-    d = F.normalize(d_cam @ c2e[:3, :3].T, dim=-1)[None]
-    o = c2e[:3, 3].expand_as(d)
-    pred, _ = model.predict_frame(vols, b["ego2world"], tgt)
-    rgb, depth, _, _ = model.render(pred, o, d, perturb=False)
-    gt = F.interpolate(b["depths"][0, tgt, cam][None], size=(h, w), mode="nearest")[0]
-    depth = (depth * d_cam.norm(dim=-1)[None] ** -1).reshape(1, h, w)         # ray distance -> z-depth
-    dmax = max(abs(v) for v in model.cfg.pc_range)                             # depth shown in [0, box half-size]
+    gt = F.interpolate(b["depths"][0, tgt, cam][None], size=(h, w), mode="nearest")   # (1, 1, h, w)
+    rays = sample_rays(model.cfg, gt[None], K, b["cam2ego"][:, cam:cam + 1], b["lidar2ego"])
     img = F.interpolate(b["images"][0, tgt, cam][None], size=(h, w), mode="area")[0]
-    return torch.stack([img, rgb.reshape(h, w, 3).permute(2, 0, 1), (depth / dmax).clamp(0, 1).expand(3, -1, -1),
-                        (gt / dmax).clamp(0, 1).expand(3, -1, -1)]).cpu()
+    _, out = model(dict(b, targets=[tgt], rays=[rays]))
+    ren = out["renders"]["pred"][0]
+    v, u = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    d_cam = torch.stack([u, v, torch.ones_like(u)], -1).reshape(-1, 3).to(K) @ torch.linalg.inv(K[0, 0]).T
+    depth = (ren.depth[0] / d_cam.norm(dim=-1)).reshape(1, h, w)               # ray distance -> z-depth
+    dmax = max(abs(v) for v in model.cfg.pc_range)                             # depth shown in [0, box half-size]
+    return torch.stack([img, ren.rgb[0].reshape(h, w, 3).permute(2, 0, 1), (depth / dmax).clamp(0, 1).expand(3, -1, -1),
+                        (gt[0] / dmax).clamp(0, 1).expand(3, -1, -1)]).cpu()
 
 
 def run_eval(model, val, device, run_dir, step, log):
@@ -156,10 +154,7 @@ def main(argv=None):
     print0(f"data: {len(train)} train samples/rank, {len(val)} held-out ({time.time() - t0:.0f} s to render)")
 
     model = MIM4D(mc).to(device)
-    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
-    opt = torch.optim.AdamW([{"params": backbone, "lr_mult": tc.backbone_lr_mult},
-                             {"params": rest, "lr_mult": 1.0}], lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = model.configure_optimizer(tc.lr, tc.weight_decay, backbone_lr_mult=tc.backbone_lr_mult)
     start, extra = load_resume(tc.run_dir, model, opt, expect_config={"model": config["model"]}) if tc.resume else (0, {})
     if start:
         print0(f"resumed from step {start}")
@@ -170,7 +165,7 @@ def main(argv=None):
     log = ProgressLogger(tc.run_dir, tc.steps, tc.log_every, unit="sample")
     if start == 0:
         run_eval(model, val, device, tc.run_dir, 0, log)
-    gen = torch.Generator().manual_seed(tc.seed + 100 * dist.rank + start)
+    torch.manual_seed(tc.seed + 100 * dist.rank + start)                      # masks, targets, rays
     pos = int(extra.get("pos", 0))
     for step in range(start, tc.steps):
         lr = lr_at(step, tc.steps, tc.lr, tc.warmup, 1e-3)
@@ -184,9 +179,9 @@ def main(argv=None):
             sync = nullcontext() if (micro == tc.grad_accum - 1 or not dist.ddp) else ddp.no_sync()
             with sync:
                 with amp:
-                    loss, _, terms = ddp(batch, generator=gen)
+                    loss, out = ddp(batch)
                 (loss / tc.grad_accum).backward()
-            for k, v in terms.items():
+            for k, v in out["terms"].items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + v.item() / tc.grad_accum
         if not math.isfinite(sum(terms_sum.values())):
             print0(f"non-finite loss at step {step}: {terms_sum}; stopping (last checkpoint left intact)")
