@@ -71,7 +71,7 @@ def test_paper_volume_is_in_the_lidar_frame():
     p_lidar = torch.tensor([21.0, 0.0, 2.99])
     p_ego = p_lidar + torch.tensor([0.0, 0.0, 1.84])
     assert M.in_volume(cfg, p_lidar) and not M.in_volume(cfg, p_ego)    # the old ego-frame box missed it
-    uv, z = U.project_points(p_ego[None], U.invert_pose(c2e[0, 0]), K[0, 0])
+    uv, z = C.project_points(p_ego[None], C.invert_pose(c2e[0, 0]), K[0, 0])
     depths = torch.zeros(1, 1, 1, 450, 800)
     depths[0, 0, 0, int(uv[0, 1]), int(uv[0, 0])] = z[0]
     rays = M.sample_rays(cfg, depths, K, c2e, l2e)               # every pixel
@@ -87,7 +87,7 @@ def test_paper_volume_is_in_the_lidar_frame():
     uv_m, z_m = M.project_voxels(cfg, K, c2e, l2e)
     q = (cfg.grid[2] - 1) * cfg.grid[1] * cfg.grid[0] + 64 * cfg.grid[0] + 90   # node (x=90, y=64, z top)
     p = M.voxel_points(cfg).reshape(-1, 3)[q] + torch.tensor([0.0, 0.0, 1.84])
-    uv_r, z_r = U.project_points(p[None], U.invert_pose(c2e[0, 0]), K[0, 0])
+    uv_r, z_r = C.project_points(p[None], C.invert_pose(c2e[0, 0]), K[0, 0])
     torch.testing.assert_close(uv_m[0, 0, q], uv_r[0], atol=1e-2, rtol=1e-4)
 
 
