@@ -51,24 +51,70 @@ def test_gobjaverse_roundtrip(tmp_path):
 
 
 def test_gobjaverse_nd_exr(tmp_path):
-    """GObjaverse's <view>_nd.exr (normal xyz in Unity axes + depth) is read when an EXR reader exists."""
+    """GObjaverse's <view>_nd.exr (normal xyz in Unity axes + depth) is read when an EXR reader exists, with
+    GeoLRM's cleaning: depth nearer than camera distance - sqrt(3)/2 is invalid, dilated 3x3, set to 0."""
     OpenEXR = pytest.importorskip("OpenEXR")
     if not hasattr(OpenEXR, "File"):
         pytest.skip("needs the openexr 3.x API to write the fixture")
     obj = _write_tiny_object(tmp_path, "e", 1)
     os.remove(os.path.join(obj, "00000", "00000_depth.npy"))
-    nd = np.random.default_rng(0).normal(size=(6, 8, 4)).astype(np.float32)
+    g = np.random.default_rng(0)
+    nd = g.normal(size=(6, 8, 4)).astype(np.float32)
+    nd[..., 3] = g.uniform(1.5, 2.5, size=(6, 8))               # camera distance 2: valid depths
+    nd[1, 6, 3] = 0.5                                            # in front of the object cube: invalid
     OpenEXR.File({"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage},
                  {"RGBA": nd}).write(os.path.join(obj, "00000", "00000_nd.exr"))
     r = G.read_gobjaverse_object(obj)
     alpha = r["alphas"][0, 0].numpy()
-    assert (alpha == 0).any() and np.allclose(r["depths"][0, 0].numpy(), nd[..., 3] * (alpha > 0))
+    bad = np.zeros((6, 8), bool)
+    bad[0:3, 5:8] = True                                          # the invalid pixel, dilated
+    assert (alpha == 0).any() and np.allclose(r["depths"][0, 0].numpy(), nd[..., 3] * (alpha > 0) * ~bad)
     n = r["normals"][0].permute(1, 2, 0).numpy()           # unity2blender: (x, y, z) -> (-z, -x, y)
     assert np.allclose(n, np.stack([-nd[..., 2], -nd[..., 0], nd[..., 1]], -1))
     with open(os.path.join(obj, "00000", "00000_nd.exr"), "wb") as f:
         f.write(b"garbage")
     with pytest.raises(DataError, match=r"00000_nd\.exr: unreadable EXR"):
         G.read_gobjaverse_object(obj)
+
+
+def test_clean_exr_depth():
+    d = np.full((5, 6), 2.0, np.float32)
+    d[2, 3], d[4, 0] = 1.0, np.nan
+    out = G.clean_exr_depth(d, 2.0)
+    bad = np.zeros((5, 6), bool)
+    bad[1:4, 2:5] = bad[3:5, 0:2] = True
+    assert np.array_equal(out == 0, bad) and np.all(out[~bad] == 2.0)
+
+
+def test_dataset_object_list_failures_and_occupancy(tmp_path, caplog):
+    """The official object list (a JSON list of "<shard>/<id>", or an object keyed by them), 40-view objects,
+    occupancy from GeoLRM's pts.npy, and failing objects logged by name, replaced, and fatal above the limit."""
+    for name in ("0/a", "0/b", "1/c", "1/d"):
+        _write_tiny_object(tmp_path / "objs" / os.path.dirname(name), os.path.basename(name), 40 if name == "0/a" else 6)
+    (tmp_path / "list.json").write_text(json.dumps(["0/a", "0/b", "1/c", "1/d"]))
+    (tmp_path / "keyed.json").write_text(json.dumps({"1/c": 1, "0/a": 2}))
+    ds = G.GObjaverseDataset(str(tmp_path / "objs"), num_views=6, object_ids=str(tmp_path / "list.json"))
+    assert ds.object_ids == ["0/a", "0/b", "1/c", "1/d"] and ds.names.dtype.kind == "S"
+    a = ds[0]
+    assert a["object_id"] == "0/a" and ((a["view_ids"][:4] - a["view_ids"][0]) % 24).tolist() == [0, 6, 12, 18]
+    assert G.GObjaverseDataset(str(tmp_path / "objs"), object_ids=str(tmp_path / "keyed.json")).object_ids == ["0/a", "1/c"]
+    idx = np.array([[0, 0, 0], [127, 64, 3]], np.uint8)
+    os.makedirs(tmp_path / "occ" / "0" / "b")
+    np.save(tmp_path / "occ" / "0" / "b" / "pts.npy", idx)
+    occ = G.GObjaverseDataset(str(tmp_path / "objs"), num_views=6, object_ids=["0/b"], occ_res=8,
+                              occ_root=str(tmp_path / "occ"))[0]["occupancy"]
+    assert occ.shape == (8, 8, 8) and occ.sum() == 2 and occ[0, 0, 0] == 1 and occ[0, 4, 7] == 1
+    occ_d = G.GObjaverseDataset(str(tmp_path / "objs"), num_views=6, object_ids=["0/b"], occ_res=8)[0]["occupancy"]
+    assert occ_d.shape == (8, 8, 8)                              # binned from the views' depth instead
+    os.remove(tmp_path / "objs" / "0" / "b" / "00002" / "00002.json")
+    ds = G.GObjaverseDataset(str(tmp_path / "objs"), num_views=6, random_views=False,
+                             object_ids=str(tmp_path / "list.json"), max_failures=0.25)
+    with caplog.at_level("WARNING", logger="nano4d.data"):
+        it = ds[1]
+    assert it["object_id"] == "1/c" and ds.failures == ["0/b"] and "0/b failed to read" in caplog.text
+    os.remove(tmp_path / "objs" / "1" / "d" / "00000" / "00000.png")
+    with pytest.raises(DataError, match=r"2 of 4 objects failed to read in this process, more than max_failures=0.25"):
+        ds[3]
 
 
 def test_gobjaverse_json_convention():
@@ -161,7 +207,7 @@ def test_gobjaverse_malformed(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(DataError, match=r"empty: no object folders"):
         G.GObjaverseDataset(str(tmp_path / "empty"))
-    (tmp_path / "list.json").write_text('{"a": 1}')
+    (tmp_path / "list.json").write_text('["a", 1]')
     with pytest.raises(DataError, match=r"list\.json: the object list must be a JSON list"):
         G.GObjaverseDataset(str(tmp_path), object_ids=str(tmp_path / "list.json"))
 

@@ -11,6 +11,7 @@ Every reader raises ``DataError`` (a ``ValueError``) naming the offending file a
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -19,6 +20,7 @@ import tempfile
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset
 
 from nano4d.cameras import camera_rays, fov_to_K
@@ -33,6 +35,12 @@ from nano4d.data.common import (DataError, as_array, as_float, as_int, backgroun
 #        <view>_depth.npy (float32 (H, W) z-depth, 0 = background) or <view>_depth.png (uint16, times
 #        json["depth_png_scale"] metres per unit); nano4d extras: <view>_normal.npy (H, W, 3) world normals,
 #        <obj_id>/occupancy.npy (R, R, R) uint8 (Z, Y, X), <obj_id>/surface_points.npy (P, 3) float32.
+# GObjaverse proper: <root>/<shard>/<id>/... with 40 views (0..23 the orbit), the object list a JSON list of
+# "<shard>/<id>" names (gobjaverse_280k.json), occupancy targets (GeoLRM's create_occ_gts) as
+# <occ_root>/<shard>/<id>/pts.npy: uint8 (N, 3) x, y, z cell indices round((p + 0.5) * 128) clamped to [0, 127].
+# EXR depth is cleaned as GeoLRM's loader does: values nearer than (camera distance - sqrt(3)/2) cannot be on
+# the object and are invalid, the invalid mask is dilated by one pixel (3x3; edges are unreliable), and
+# invalid depth becomes 0.
 # Camera convention: GObjaverse's "x", "y", "z" are the world-frame directions of the camera's right, down
 # and forward axes (OpenCV), "origin" its centre, so c2w = [x | y | z | origin] is an OpenCV c2w (GeoLRM's
 # loader reads it so and right-multiplies diag(1, -1, -1, 1) to get Blender/OpenGL; nano4d keeps OpenCV).
@@ -90,7 +98,6 @@ def write_gobjaverse_object(root: str, obj_id: str, rgba, c2w, K, depth=None, no
         raise ValueError(f"depth must be ({V}, {H}, {W}), got {tuple(depth.shape)}")
     if depth_format not in ("npy", "png16"):
         raise ValueError(f"depth_format must be 'npy' or 'png16', got {depth_format!r}")
-    from PIL import Image
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, str(obj_id))
     tmp = tempfile.mkdtemp(prefix=f".{obj_id}.tmp", dir=root)
@@ -165,8 +172,24 @@ def _read_exr(path: str) -> np.ndarray:
                     f"(pip install openexr, or opencv-python); none found ({'; '.join(errors)})")
 
 
+NEAR_SLACK = 0.867       # sqrt(3) / 2: the object cube's half diagonal
+
+
+def _dilate3(mask: np.ndarray) -> np.ndarray:
+    """3x3 binary dilation of a (H, W) bool mask."""
+    p = np.pad(mask, 1)
+    H, W = mask.shape
+    return np.any([p[i:i + H, j:j + W] for i in range(3) for j in range(3)], axis=0)
+
+
+def clean_exr_depth(depth: np.ndarray, camera_distance: float) -> np.ndarray:
+    """GObjaverse EXR depth -> depth with 0 where invalid: nearer than ``camera_distance - sqrt(3)/2`` (in front
+    of the object cube) or non-finite, dilated by one pixel."""
+    bad = ~np.isfinite(depth) | (np.nan_to_num(depth, nan=0.0) < camera_distance - NEAR_SLACK)
+    return np.where(_dilate3(bad), 0.0, np.nan_to_num(depth, nan=0.0)).astype(np.float32)
+
+
 def _read_view(vd: str, v: int):
-    from PIL import Image
     png, js = os.path.join(vd, f"{v:05d}.png"), os.path.join(vd, f"{v:05d}.json")
     for p in (png, js):
         if not os.path.isfile(p):
@@ -207,7 +230,7 @@ def _read_view(vd: str, v: int):
         nd = _read_exr(base + "_nd.exr")
         if nd.ndim != 3 or nd.shape[-1] < 4:
             raise DataError(f"{base}_nd.exr: expected 4 channels (normal xyz, depth), got shape {nd.shape}")
-        depth = nd[..., 3]
+        depth = clean_exr_depth(nd[..., 3], float(c2w[:3, 3].norm()))
         # GObjaverse stores normals in Unity axes; GeoLRM's unity2blender: (x, y, z) -> (-z, -x, y).
         # Taken from GeoLRM's loader, not verified here against real GObjaverse files.
         normal = np.stack([-nd[..., 2], -nd[..., 0], nd[..., 1]], -1)
@@ -316,6 +339,20 @@ def occupancy_from_points(points: torch.Tensor, res: int, lo: float = -0.5, hi: 
     return occ.view(res, res, res)
 
 
+def occupancy_from_indices(idx, res: int, grid: int = 128) -> torch.Tensor:
+    """Occupancy (R, R, R) (Z, Y, X) from integer cell indices (N, 3) (x, y, z) of a ``grid``^3 grid, e.g. GeoLRM's
+    pts.npy (grid 128). Index i of the fine grid maps to cell i * R // grid; GeoLRM's indices are rounded, not
+    floored, so they sit half a fine cell off nano4d's floor binning (at R = 128 a surface point may land one
+    cell over)."""
+    i = torch.as_tensor(np.asarray(idx), dtype=torch.int64).reshape(-1, 3)
+    if i.numel() and (i.min() < 0 or i.max() >= grid):
+        raise ValueError(f"cell indices must lie in [0, {grid}), got [{int(i.min())}, {int(i.max())}]")
+    i = i * res // grid
+    occ = torch.zeros(res ** 3)
+    occ[(i[:, 2] * res + i[:, 1]) * res + i[:, 0]] = 1
+    return occ.view(res, res, res)
+
+
 def depth_points(depths: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """World points (N, 3) of z-depth maps (V, 1, H, W) (pixel centres, OpenCV c2w (V, 4, 4), pixel K (V, 3, 3));
     pixels with depth <= 0 or ``mask`` (V, 1, H, W) false are skipped."""
@@ -333,40 +370,60 @@ def occupancy_from_depth(depths, alphas, c2w, K, res: int) -> torch.Tensor:
     return occupancy_from_points(depth_points(depths, c2w, K, alphas > 0.5), res)
 
 
+log = logging.getLogger("nano4d.data")
+
+
 class GObjaverseDataset(Dataset):
     """Objects stored in the GObjaverse layout (real GObjaverse, ``nano4d.data.meshes`` renders, or a
-    ``ProceduralObjects`` cache), returning the same keys as ``ProceduralObjects`` where available:
-    images (V, 3, H, W) composited on ``background``, alphas, c2w, K, background, view_ids (V,) int64, and
-    depths / normals / occupancy / surface_points when the files exist.
+    ``ProceduralObjects`` cache), read from disk one item at a time; returns the keys of ``ProceduralObjects``
+    where available: images (V, 3, H, W) composited on ``background``, alphas, c2w, K, background, view_ids (V,)
+    int64, object_id (str), and depths / normals / occupancy / surface_points when the files exist.
 
-    ``object_ids``: list of object folders relative to ``root`` (e.g. GObjaverse's "<shard>/<id>") or a JSON
-    file holding such a list; default: every non-hidden sub-folder of ``root`` (each must hold view folders).
-    View choice (``num_views`` V): objects with >= 24 views are read as a 24-view orbit (views 0..23, as in
-    GObjaverse and nano4d.data.meshes): 4 orbit views 90 deg apart from a random start, then random other views;
-    smaller objects: the first ``ring_views`` views (ProceduralObjects' ring), then random others.
-    ``random_views=False`` takes views 0..V-1. Randomness is deterministic in (seed, index, epoch);
-    call ``set_epoch`` to vary it. ``res``: resize to (H, W) (int = square) with K scaled."""
+    ``object_ids``: object folders relative to ``root`` (GObjaverse's "<shard>/<id>"), as a list or a JSON file
+    holding a list (or an object whose keys are the names, read sorted), e.g. ``gobjaverse_280k.json``;
+    default: every non-hidden sub-folder of ``root`` (each must hold view folders). Only the names are kept
+    (one byte array), so the dataset is an index; every item reads its views in ``__getitem__``.
+    View choice (``num_views`` V): objects with >= 24 views are read as GObjaverse's 24-view orbit (views
+    0..23 of the 40): 4 orbit views 90 deg apart from a random start (GeoLRM's [0, 6, 12, 18] + offset), then
+    random other views of all the object's views; smaller objects: the first ``ring_views`` views
+    (ProceduralObjects' ring), then random others. ``random_views=False`` takes views 0..V-1. Randomness is
+    deterministic in (seed, index, epoch); ``set_epoch`` varies it. ``res``: resize to (H, W) with K scaled.
+    ``background``: "white", "black", (r, g, b) or "random" (one uniform colour per item; GeoLRM's targets).
+    ``occ_res``: also return ``occupancy`` at that resolution: the object's occupancy.npy when it has that
+    size, else ``<occ_root>/<object_id>/pts.npy`` (GeoLRM's 128^3 indices) when ``occ_root`` is given, else
+    binned from the depth of the views read (partial when they do not see the whole surface).
+    An object that fails to read (missing / malformed file) is logged by name on the ``nano4d.data`` logger,
+    counted in ``failures`` (names, this process) and replaced by the next object; when more than
+    ``max_failures`` x len(dataset) objects failed in this process, ``DataError`` stops the run."""
 
     def __init__(self, root: str, num_views: int = 8, res=None, background="white", seed: int = 0,
-                 object_ids=None, ring_views: int = 4, random_views: bool = True):
+                 object_ids=None, ring_views: int = 4, random_views: bool = True, occ_res: int | None = None,
+                 occ_root: str | None = None, max_failures: float = 0.01):
         if not os.path.isdir(root):
             raise DataError(f"{root}: GObjaverse root folder not found")
         self.root, self.num_views, self.seed, self.ring_views, self.random_views = root, num_views, seed, ring_views, random_views
         self.res = None if res is None else ((res, res) if isinstance(res, int) else tuple(res))
         self.background, self.epoch = background, 0
+        self.occ_res, self.occ_root, self.max_failures, self.failures = occ_res, occ_root, float(max_failures), []
         check_background(background)
         if isinstance(object_ids, str):
             path, object_ids = object_ids, read_json(object_ids, "object list")
-            if not isinstance(object_ids, list):
-                raise DataError(f"{path}: the object list must be a JSON list of folder names")
+            if isinstance(object_ids, dict):
+                object_ids = sorted(object_ids)
+            if not isinstance(object_ids, list) or not all(isinstance(o, str) for o in object_ids):
+                raise DataError(f"{path}: the object list must be a JSON list of folder names (or an object keyed by them)")
         if object_ids is None:
             object_ids = list_objects(root)
         if not object_ids:
             raise DataError(f"{root}: no objects found")
-        self.object_ids = [str(o) for o in object_ids]
+        self.names = np.array([str(o) for o in object_ids], dtype=np.bytes_)
+
+    @property
+    def object_ids(self) -> list[str]:
+        return [n.decode() for n in self.names]
 
     def __len__(self) -> int:
-        return len(self.object_ids)
+        return len(self.names)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -386,7 +443,24 @@ class GObjaverseDataset(Dataset):
         return ring + [rest[j] for j in rng.permutation(len(rest))[:V - len(ring)]]
 
     def __getitem__(self, i: int) -> dict:
-        obj_dir = os.path.join(self.root, self.object_ids[i])
+        n = len(self.names)
+        for k in range(n):
+            j = (i + k) % n
+            try:
+                return self._item(j)
+            except DataError as e:
+                name = self.names[j].decode()
+                self.failures.append(name)
+                log.warning("GObjaverse object %s failed to read (%d failures in this process): %s",
+                            name, len(self.failures), e)
+                if len(self.failures) > self.max_failures * n:
+                    raise DataError(f"{self.root}: {len(self.failures)} of {n} objects failed to read in this process, "
+                                    f"more than max_failures={self.max_failures:g} of them; last: {e}") from None
+        raise DataError(f"{self.root}: every object failed to read")
+
+    def _item(self, i: int) -> dict:
+        name = self.names[i].decode()
+        obj_dir = os.path.join(self.root, name)
         s = split_seed(self.seed + 7919 * self.epoch, "train", i)
         g = rng(s)
         try:
@@ -394,13 +468,29 @@ class GObjaverseDataset(Dataset):
         except DataError as e:
             raise DataError(f"{obj_dir}: {e}") if not str(e).startswith(obj_dir) else e
         r = read_gobjaverse_object(obj_dir, views)
+        full_depths = r.get("depths")
+        full = (r["alphas"], r["c2w"], r["K"])
         if self.res is not None:
             r = _resize_views(r, self.res)
         bg = torch.tensor(g.uniform(0, 1, 3), dtype=torch.float32) \
             if isinstance(self.background, str) and self.background == "random" else background_rgb(self.background)
         item = dict(images=composite(r["images"], r["alphas"], bg), alphas=r["alphas"], c2w=r["c2w"], K=r["K"],
-                    background=bg, view_ids=torch.tensor(views))
+                    background=bg, view_ids=torch.tensor(views), object_id=name)
         for k in ("depths", "normals", "occupancy", "surface_points"):
             if r.get(k) is not None:
                 item[k] = r[k]
+        if self.occ_res and (item.get("occupancy") is None or item["occupancy"].shape[0] != self.occ_res):
+            pts = os.path.join(self.occ_root, name, "pts.npy") if self.occ_root else None
+            if pts is not None:
+                try:
+                    idx = np.load(pts)
+                except Exception as e:
+                    raise DataError(f"{pts}: unreadable occupancy indices ({e})") from None
+                if idx.ndim != 2 or idx.shape[1] != 3:
+                    raise DataError(f"{pts}: occupancy indices must be (N, 3), got {idx.shape}")
+                item["occupancy"] = occupancy_from_indices(idx.astype(np.int64), self.occ_res)
+            elif full_depths is not None:
+                item["occupancy"] = occupancy_from_depth(full_depths, *full, self.occ_res)
+            else:
+                raise DataError(f"{obj_dir}: occ_res={self.occ_res} needs occupancy.npy, occ_root pts.npy or depth maps")
         return item
