@@ -34,3 +34,41 @@ def test_image_sequence_folder(tmp_path):
     (tmp_path / "seq_a" / "999.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"999\.png: unreadable image"):
         S.ImageSequenceFolder(str(tmp_path), views=(2, 6))[(0, 6)]
+
+
+def test_mum_index_file_min_frames_and_dynamic_batches(tmp_path):
+    """MuM's annotation format (gzip JSON {scene: [[{"filepath"}, ...], ...]}), sequences shorter than
+    min_frames skipped and counted, frames in draw order on request, and (index, V) batches from
+    DynamicBatchSampler through a DataLoader."""
+    import gzip
+    import json
+
+    from torch.utils.data import DataLoader
+
+    from nano4d.data.sampling import DynamicBatchSampler
+    rng = np.random.default_rng(1)
+    os.makedirs(tmp_path / "img")
+    for k in range(9):
+        Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{k}.png")
+    ann = {"sceneA": [[{"filepath": f"img/{k}.png"} for k in range(6)], [{"filepath": "img/8.png"}] * 2],
+           "sceneB": [[{"filepath": f"img/{k}.png"} for k in (7, 6, 5, 4)]]}
+    with gzip.open(tmp_path / "train.jgz", "wt") as f:
+        json.dump(ann, f)
+    ds = S.ImageSequenceFolder(str(tmp_path), views=(2, 3), res=8, index=str(tmp_path / "train.jgz"), min_frames=4,
+                               frame_order="random")
+    assert ds.sequences == ["sceneA_0", "sceneB_0"] and ds.skipped == ["sceneA_1"] and ds.paths.dtype.kind == "S"
+    assert ds.frames(1)[0].endswith("img/7.png")
+    drawn = ds[(0, 5)]["images"]
+    in_file_order = S.ImageSequenceFolder(str(tmp_path), views=(2, 3), res=8, index=str(tmp_path / "train.jgz"),
+                                          min_frames=4)[(0, 5)]["images"]
+    key = lambda x: sorted(x.flatten(1).sum(1).tolist())  # noqa: E731
+    assert drawn.shape[0] == 5 and key(drawn) == key(in_file_order)                 # same frames, own order
+    with pytest.raises(DataError, match=r"train\.jgz: scene 'sceneA' sequence 1: 2 frames, fewer than the minimum"):
+        S.ImageSequenceFolder(str(tmp_path), views=(3, 3), index=str(tmp_path / "train.jgz"))
+    (tmp_path / "bad.json").write_text('{"s": [[{"path": "x"}]]}')
+    with pytest.raises(DataError, match=r"bad\.json: scene 's' sequence 0: every frame needs a 'filepath'"):
+        S.ImageSequenceFolder(str(tmp_path), index=str(tmp_path / "bad.json"))
+    bs = DynamicBatchSampler(len(ds), views=(2, 3), max_images=6, seed=0)
+    for batch in DataLoader(ds, batch_sampler=bs, collate_fn=lambda b: b):
+        V = batch[0]["images"].shape[0]
+        assert all(b["images"].shape[0] == V for b in batch) and len(batch) <= 6 // V
