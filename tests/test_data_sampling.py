@@ -1,4 +1,6 @@
 """nano4d.data.sampling: epoch-seeded sharded shuffling, exact mid-epoch resume, dynamic batches."""
+import os
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -94,3 +96,53 @@ def test_dynamic_batches_replay_and_resume():
     assert first + _take(iter(it2), len(batches) - 2) == ref
     with pytest.raises(ValueError, match="views"):
         DynamicBatchSampler(40, views=(2, 5), max_images=12, seed=1).load_state_dict(s.state_dict())
+
+
+_RSS_SCRIPT = r"""
+import os, sys, torch
+from torch.utils.data import DataLoader
+from nano4d.data.gobjaverse import GObjaverseDataset
+from nano4d.data.sampling import ResumableSampler, stream
+def rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+torch.set_num_threads(1)
+ds = GObjaverseDataset(sys.argv[1], num_views=4, res=16)
+s = ResumableSampler(len(ds), seed=0)
+it = iter(stream(DataLoader(ds, batch_size=2, sampler=s), s))
+for _ in range(5):
+    next(it)
+before = rss_mib()
+for _ in range(int(sys.argv[2])):
+    next(it)
+print(len(ds), before, rss_mib())
+"""
+
+
+def test_rss_does_not_grow_with_the_dataset(tmp_path):
+    """A disk dataset 10x larger (GObjaverse layout, 20 vs 200 objects) leaves the training process's RSS after
+    the same number of steps where the small one leaves it: only the index is in memory, items are read per step."""
+    import subprocess
+    import sys
+
+    from nano4d.data.gobjaverse import write_gobjaverse_object
+    from nano4d.data.objects import orbit_cameras
+    c2w, K = orbit_cameras(4, 32, seed=0)
+    g = torch.Generator().manual_seed(0)
+    for n, name in ((20, "small"), (200, "large")):
+        for i in range(n):
+            rgba = torch.rand(4, 32, 32, 4, generator=g)
+            write_gobjaverse_object(str(tmp_path / name), f"{i:05d}", rgba, c2w, K, depth=torch.rand(4, 32, 32, generator=g))
+    out = {}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    for name in ("small", "large"):
+        r = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(tmp_path / name), "60"], capture_output=True,
+                           text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        n, before, after = r.stdout.split()
+        out[name] = (int(n), float(before), float(after))
+    assert out["small"][0] == 20 and out["large"][0] == 200
+    growth = {k: v[2] - v[1] for k, v in out.items()}
+    assert growth["large"] < 8.0, (out, growth)                                 # MiB over 60 steps
+    assert out["large"][2] < out["small"][2] + 8.0, out
