@@ -185,6 +185,7 @@ def test_objects_cache_roundtrip(tmp_path):
     ds = O.ProceduralObjects(cache_dir=str(tmp_path), **kw)
     first, second = ds[2], ds[2]                   # render + write, then read back
     for k in ref:
+        assert torch.equal(first[k], second[k]), k             # the first access is served from the cache too
         tol = 1 / 255 + 1e-6 if k == "images" else 1e-6
         assert torch.allclose(first[k].float(), ref[k].float(), atol=tol), k
         assert torch.allclose(second[k].float(), ref[k].float(), atol=tol), k

@@ -573,8 +573,8 @@ class ProceduralDriving(Dataset):
     Cars in other lanes move at their own lane speeds (the opposite direction moves towards -x), so frames
     differ by more than ego motion. The first frame is at a random time in ``start_time`` seconds.
     ``threads``: torch intra-op threads while rendering (``nano4d.data.common.limit_threads``). ``cache_dir``: scenes
-    are written there as rig JSON (+ PNG / .npy) on first use and read back later (images quantized to 8 bit;
-    LiDAR points compacted to the front of the padded array)."""
+    are written there as rig JSON (+ PNG / .npy) on first use and always served from there, also on the first
+    access (images quantized to 8 bit; LiDAR points compacted to the front of the padded array)."""
 
     def __init__(self, num_scenes: int = 1000, num_frames: int = 3, res=(96, 176), seed: int = 0, split: str = "train",
                  frame_dt: float = 0.5, lidar_azimuths: int = 256, lidar_range: float = 70.0, bev_range: float = 51.2,
@@ -607,10 +607,8 @@ class ProceduralDriving(Dataset):
                    f"-lr{self.lidar_range:g}-bev{self.bev_range:g}x{self.bev_res}-far{self.far:g}-sh{int(self.shadows)}"
                    f"-st{self.start_time[0]:g},{self.start_time[1]:g}")
             path = os.path.join(self.cache_dir, tag, f"{i:07d}", "rig.json")
-            if not os.path.isfile(path):
-                s = self._make(i)
-                write_rig(os.path.dirname(path), s)     # the JSON is written last (atomically): complete or absent
-                return s
+            if not os.path.isfile(path):                # the JSON is written last (atomically): complete or absent
+                write_rig(os.path.dirname(path), self._make(i))
             s = load_rig_frames(read_rig(path), list(range(self.num_frames)), max_points=32 * self.lidar_azimuths)
             s["seed"] = torch.tensor(self.scene_seed(i))
             return s

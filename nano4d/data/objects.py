@@ -452,8 +452,9 @@ class ProceduralObjects(Dataset):
     rest random on the sphere. ``background``: "white", "random" (one uniform colour per sample) or (r, g, b).
     With ``supersample=1`` alpha is binary, so another background is ``composite(images, alphas, bg)``.
     ``cache_dir``: renders are stored there in the GObjaverse layout (``write_gobjaverse_object``, with
-    occupancy and surface points) and read back on later calls; occupancy/surface are re-derived when the
-    requested resolution differs. ``threads``: torch intra-op threads while rendering (``limit_threads``).
+    occupancy and surface points) and always served from there (colour quantized to 8 bits, also on the first
+    access, so a resumed run sees the same pixels); occupancy/surface are re-derived when the requested
+    resolution differs. ``threads``: torch intra-op threads while rendering (``limit_threads``).
     """
 
     def __init__(self, num_objects: int = 1000, num_views: int = 8, res=64, seed: int = 0, split: str = "train",
@@ -517,8 +518,7 @@ class ProceduralObjects(Dataset):
             write_gobjaverse_object(os.path.join(self.cache_dir, tag), obj_id, rgba, d["c2w"], d["K"],
                                     depth=d["depths"][:, 0], normal=d["normals"].permute(0, 2, 3, 1),
                                     occupancy=d["occupancy"], surface_points=d["surface_points"])
-            return d
-        r = read_gobjaverse_object(obj_dir)
+        r = read_gobjaverse_object(obj_dir)           # also right after writing: the first access equals later ones
         d = dict(rgb=r["images"], alphas=r["alphas"], depths=r["depths"], normals=r["normals"], c2w=r["c2w"], K=r["K"],
                  occupancy=r.get("occupancy"), surface_points=r.get("surface_points"))
         s = self.object_seed(i)
