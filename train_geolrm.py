@@ -9,7 +9,7 @@ reconstruction network on renders of its Gaussians in target views (inputs + oth
 Held-out objects are evaluated on novel views (PSNR/SSIM/LPIPS vs a mean-colour baseline, occupancy IoU);
 at the end the run dir holds model.safetensors, preview.png, metrics.json and held-out .ply files.
 ``--data DIR``: a folder of GObjaverse-layout objects (``nano4d.data.gobjaverse.read_gobjaverse_object``); the last
-``num_eval`` objects are held out. Without an occupancy.npy the target is binned from the depth maps.
+``num_val`` objects are held out. Without an occupancy.npy the target is binned from the depth maps.
 """
 from __future__ import annotations
 
@@ -25,53 +25,69 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nano4d import utils as U
+from nano4d.checkpoint import (CheckpointError, clean_stale_tmp, load_checkpoint, load_weights, save_checkpoint,
+                               save_json)
 from nano4d.cameras import look_at
 from nano4d.data.gobjaverse import list_objects, occupancy_from_depth, read_gobjaverse_object
 from nano4d.data.objects import ProceduralObjects
 from nano4d.geolrm import (PRESETS, GeoLRM, GeoLRMConfig, Gaussians, load_dinov2_hf, occupancy_iou, occupancy_loss,
                            recon_loss, render)
-from nano4d.metrics import psnr, ssim
+from nano4d.metrics import load_lpips, psnr, ssim
 from nano4d.ply import save_ply
+from nano4d.utils import flag
+
+
+# Named bundles of flag values (train fields, "preset", "model.<field>"): --recipe NAME; explicit flags win.
+RECIPES: dict = {}
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    run_dir: str = "runs/geolrm"
-    stage: str = "all"              # proposal | recon | all
-    data: str = ""                  # GObjaverse-layout folder; empty -> procedural objects
-    num_train: int = 96             # training objects (procedural), split over ranks
-    num_eval: int = 8               # held-out objects
-    views_per_object: int = 8
-    eval_views: int = 12            # held-out objects: up to 8 inputs + 4 novel views
-    novel_views: int = 4
-    res: int = 32                   # rendered/target resolution (inputs are resized to model.img_size)
-    min_inputs: int = 1
-    max_inputs: int = 4             # paper: 1-7
-    num_targets: int = 4            # target views per object and step (some inputs + other views)
-    batch_size: int = 1             # objects per rank and step
-    grad_accum: int = 1
-    prop_steps: int = 400
-    recon_steps: int = 500
-    prop_lr: float = 1e-3
-    recon_lr: float = 1e-3
-    warmup: int = 30
-    min_lr_ratio: float = 0.05
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
-    anchors: str = "proposal"       # recon-stage anchors: proposal (paper) | gt (ground-truth occupancy)
-    lpips: bool = True              # LPIPS(VGG) loss term and metric when the weights are present
-    eval_inputs: int = 4
-    eval_every: int = 0             # 0: only at the end of each stage
-    log_every: int = 10
-    ckpt_every: int = 100
-    export_ply: int = 2             # held-out objects exported as .ply at the end
-    dino: str = ""                  # optional HF facebook/dinov2-* model.safetensors for both encoders
-    init: str = ""                  # optional model.safetensors to start from (e.g. a proposal-stage run)
-    seed: int = 0
-    infer: str = ""                 # inference: object folder (GObjaverse layout) or .pt {images, c2w, K}
-    ckpt: str = ""                  # inference: weights
-    infer_views: str = ""           # inference: comma-separated view ids (default: all)
-    turntable: int = 8
+    run_dir: str = flag("runs/geolrm", "output folder: weights, resume state, log.jsonl, preview, metrics.json, .ply; "
+                        "a run resumes from it", resume_may_change=True)
+    stage: str = flag("all", "proposal: occupancy network; recon: reconstruction network; all: both in turn",
+                      choices=("proposal", "recon", "all"))
+    data: str = flag("", "GObjaverse-layout folder; '' = procedural objects")
+    num_train: int = flag(96, "training objects (procedural), split over ranks")
+    num_val: int = flag(8, "held-out objects (the last ones of --data)")
+    views_per_object: int = flag(8, "rendered views per training object")
+    eval_views: int = flag(12, "views per held-out object: up to 8 inputs + novel views")
+    novel_views: int = flag(4, "held-out novel views per object (the last ones)")
+    res: int = flag(32, "rendered/target resolution (inputs are resized to model.img_size)")
+    min_inputs: int = flag(1, "fewest input views per training sample")
+    max_inputs: int = flag(4, "most input views per training sample (paper: 1-7)")
+    num_targets: int = flag(4, "target views per object and step (some inputs + other views)")
+    batch_size: int = flag(1, "objects per rank and micro-step")
+    grad_accum: int = flag(1, "micro-steps per optimizer step (gradients all-reduced once, at the last)")
+    prop_steps: int = flag(400, "optimizer steps of the proposal stage")
+    recon_steps: int = flag(500, "optimizer steps of the reconstruction stage")
+    prop_lr: float = flag(1e-3, "peak lr of the proposal stage")
+    recon_lr: float = flag(1e-3, "peak lr of the reconstruction stage")
+    warmup: int = flag(30, "linear lr warmup steps (each stage)")
+    min_lr_ratio: float = flag(0.05, "cosine decays to min_lr_ratio * lr")
+    weight_decay: float = flag(0.05, "AdamW weight decay (matrices only, not embeddings)")
+    grad_clip: float = flag(1.0, "gradient-norm clip")
+    anchors: str = flag("proposal", "recon-stage anchors: proposal (paper) or gt (ground-truth occupancy)",
+                        choices=("proposal", "gt"))
+    lpips: bool = flag(True, "LPIPS(VGG) loss term and metric when the weights are present")
+    eval_inputs: int = flag(4, "input views of held-out objects")
+    eval_every: int = flag(0, "steps per held-out eval; 0 = only at the end of each stage", resume_may_change=True)
+    log_every: int = flag(10, "steps per progress line", resume_may_change=True)
+    ckpt_every: int = flag(100, "steps per checkpoint; 0 = only at the end of each stage", resume_may_change=True)
+    export_ply: int = flag(2, "held-out objects exported as .ply at the end", resume_may_change=True)
+    dino: str = flag("", "optional HF facebook/dinov2-* model.safetensors for both encoders")
+    init: str = flag("", "optional model.safetensors to start from (e.g. a proposal-stage run)")
+    seed: int = flag(0, "seed (rank r uses seed + r)")
+    amp: str = flag("auto", "autocast: auto = bf16 on CUDA, off on CPU", choices=("auto", "bf16", "off"))
+    resume: str = flag("auto", "auto: continue from run_dir's checkpoint if there is one (exactly; the config must "
+                       "match); weights: load its weights only, start at step 0; fresh: start over",
+                       choices=("auto", "fresh", "weights"), resume_may_change=True)
+    tensorboard: bool = flag(False, "also log to run_dir/tb (needs the tensorboard package)", resume_may_change=True)
+    recipe: str = flag("default", "named bundle of flag values from RECIPES", resume_may_change=True)
+    infer: str = flag("", "inference: object folder (GObjaverse layout) or .pt {images, c2w, K}", resume_may_change=True)
+    ckpt: str = flag("", "inference: weights (model.safetensors)", resume_may_change=True)
+    infer_views: str = flag("", "inference: comma-separated view ids (default: all)", resume_may_change=True)
+    turntable: int = flag(8, "views of the turntable strip next to each .ply", resume_may_change=True)
 
 
 # ----------------------------------------------------------------------------- data
@@ -82,7 +98,7 @@ def load_objects(tc: TrainConfig, mc: GeoLRMConfig, split: str, n: int, views: i
     idx = list(range(rank, n, world))
     if tc.data:
         dirs = [os.path.join(tc.data, d) for d in list_objects(tc.data)]
-        dirs = dirs[:-tc.num_eval] if split == "train" else dirs[-tc.num_eval:]
+        dirs = dirs[:-tc.num_val] if split == "train" else dirs[-tc.num_val:]
         objs = []
         for i in range(rank, len(dirs), world):
             r = read_gobjaverse_object(dirs[i])
@@ -145,6 +161,11 @@ def evaluate(model, objs, tc: TrainConfig, stage: str, lpips_fn, n_inputs=None, 
     """Novel-view metrics on this rank's held-out objects, averaged over all ranks. Inputs: the first
     ``n_inputs`` views; targets: the last ``novel_views`` views, on white. Also the mean-colour baseline
     (each target predicted as its own mean colour) and occupancy IoU."""
+    with U.rng_isolated():
+        return _evaluate(model, objs, tc, stage, lpips_fn, n_inputs, preview)
+
+
+def _evaluate(model, objs, tc, stage, lpips_fn, n_inputs, preview):
     was = model.training
     model.eval()
     n_in = n_inputs or tc.eval_inputs
@@ -224,7 +245,7 @@ def export(g: Gaussians, path: str, K, res: int, n: int, distance: float) -> tup
 
 
 def infer_main(tc: TrainConfig):
-    sd, cfg = U.load_weights(tc.ckpt)
+    sd, cfg = load_weights(tc.ckpt)
     mc = GeoLRMConfig(**{k: v for k, v in cfg["model"].items() if k in {f.name for f in dataclasses.fields(GeoLRMConfig)}})
     model = GeoLRM(mc)
     model.load_state_dict(sd)
@@ -248,23 +269,25 @@ def infer_main(tc: TrainConfig):
 
 
 def main(argv=None):
-    tc, mc = U.parse_config(TrainConfig, GeoLRMConfig, PRESETS, argv=argv)
+    tc, mc = U.parse_config(TrainConfig, GeoLRMConfig, PRESETS, argv=argv, recipes=RECIPES)
     if tc.infer:
         return infer_main(tc)
-    assert tc.stage in ("proposal", "recon", "all"), f"--stage must be proposal, recon or all, got {tc.stage!r}"
     info = U.setup_dist(tc.seed)
     dev, rank, world = info.device, info.rank, info.world_size
+    U.print0(U.format_config(train=tc, model=mc))
     config = U.config_to_dict(train=tc, model=mc)
+    if U.is_main():
+        clean_stale_tmp(tc.run_dir)
     U.print0(f"GeoLRM: {world} process(es) on {dev}, run dir {tc.run_dir}")
     t0 = time.time()
     train_objs = load_objects(tc, mc, "train", tc.num_train, tc.views_per_object, rank, world)
-    eval_objs = load_objects(tc, mc, "test", tc.num_eval, tc.eval_views, rank, world)
-    U.print0(f"data: {tc.num_train} train / {tc.num_eval} held-out objects ({'procedural' if not tc.data else tc.data}) "
+    eval_objs = load_objects(tc, mc, "test", tc.num_val, tc.eval_views, rank, world)
+    U.print0(f"data: {tc.num_train} train / {tc.num_val} held-out objects ({'procedural' if not tc.data else tc.data}) "
              f"in {time.time() - t0:.0f}s")
 
     model = GeoLRM(mc).to(dev)
     if tc.init:
-        U.load_weights(tc.init, model)
+        load_weights(tc.init, model)
     elif tc.stage == "recon" and tc.anchors == "proposal" and not os.path.exists(os.path.join(tc.run_dir, "resume.pt")):
         U.print0("WARNING: --stage recon without --init: the proposal network is untrained (random anchors)")
     if tc.dino:
@@ -277,21 +300,29 @@ def main(argv=None):
     lpips_fn = None
     if tc.lpips:
         try:
-            from nano4d.metrics import load_lpips
             lpips_fn = load_lpips("vgg", device=dev)
             lpips_fn.requires_grad_(False)
         except (FileNotFoundError, OSError) as e:
             U.print0(f"WARNING: LPIPS weights not available ({e}); training and evaluating WITHOUT the LPIPS term.")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     stages = [s for s in ("proposal", "recon") if tc.stage in (s, "all")]
     steps = {"proposal": tc.prop_steps, "recon": tc.recon_steps}
     offset = {"proposal": 0, "recon": tc.prop_steps if "proposal" in stages else 0}
     total = sum(steps[s] for s in stages)
-    start, extra = U.load_resume(tc.run_dir, model, None, expect_config={"model": config["model"]})
+    try:
+        res = load_checkpoint(tc.run_dir, model, None, tc.resume,
+                              expect_config={"model": config["model"], "train": U.resume_config(tc)})
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    start, extra = (res.step, res.extra) if res else (0, {})
+    U.broadcast_state(model)                                                   # all ranks start identical
+    if U.is_main():
+        save_json(os.path.join(tc.run_dir, "config.json"), config)
     if start:
         U.print0(f"resumed from {tc.run_dir} at step {start}")
-    metrics = {}
+    metrics = dict(extra.get("metrics", {}))
+    log = U.ProgressLogger(tc.run_dir, total, tc.log_every, unit="obj", tensorboard=tc.tensorboard)
+    log.truncate(start)
     for stage in stages:
         if start >= offset[stage] + steps[stage]:
             continue
@@ -304,13 +335,12 @@ def main(argv=None):
         other = [p for n, p in net.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": other, "weight_decay": 0.0}],
                                 lr=lr, betas=(0.9, 0.95))
-        rpath = os.path.join(tc.run_dir, "resume.pt")
-        if start > offset[stage] and extra.get("stage") == stage and os.path.exists(rpath):
-            opt.load_state_dict(torch.load(rpath, weights_only=True)["optimizer"])
-        logger = U.ProgressLogger(tc.run_dir, steps[stage], tc.log_every, unit="obj")
+        if start > offset[stage] and extra.get("stage") == stage:
+            opt.load_state_dict(res.optimizer)
         model.train()
         U.print0(f"== stage {stage}: {steps[stage]} steps, lr {lr:g}")
         for s in range(max(0, start - offset[stage]), steps[stage]):
+            gstep = offset[stage] + s                                              # step of the whole run
             cur = U.lr_at(s, steps[stage], lr, tc.warmup, tc.min_lr_ratio)
             for grp in opt.param_groups:
                 grp["lr"] = cur
@@ -318,35 +348,34 @@ def main(argv=None):
             for micro in range(tc.grad_accum):
                 b = make_batch(train_objs, tc, dev)
                 img, K = model_inputs(b["in_img"], b["in_K"], mc.img_size)
-                sync = micro == tc.grad_accum - 1 or not info.ddp
-                with (ddp.no_sync() if not sync else torch.enable_grad()), autocast:
-                    if stage == "proposal":
-                        terms = occupancy_loss(ddp(img, b["in_c2w"], K), b["occ"])
-                    else:
-                        anchors = (model.gt_anchors(b["occ"]) if tc.anchors == "gt"
-                                   else model.propose_anchors(img, b["in_c2w"], K))
-                        g = ddp(*anchors, img, b["in_c2w"], K)
-                        out = render(g, b["c2w"], b["K"], tc.res, tc.res, background=b["bg"])
-                        terms = recon_loss(out, b, mc, lpips_fn)
+                with U.grad_sync(ddp, micro, tc.grad_accum):
+                    with U.autocast(dev, tc.amp):
+                        if stage == "proposal":
+                            terms = occupancy_loss(ddp(img, b["in_c2w"], K), b["occ"])
+                        else:
+                            anchors = (model.gt_anchors(b["occ"]) if tc.anchors == "gt"
+                                       else model.propose_anchors(img, b["in_c2w"], K))
+                            g = ddp(*anchors, img, b["in_c2w"], K)
+                            out = render(g, b["c2w"], b["K"], tc.res, tc.res, background=b["bg"])
+                            terms = recon_loss(out, b, mc, lpips_fn)
+                    terms["loss"] = U.inject_nan(terms["loss"], gstep)
                     (terms["loss"] / tc.grad_accum).backward()
                 for k, v in terms.items():
                     terms_sum[k] = terms_sum.get(k, 0.0) + v.item() / tc.grad_accum
-            if not math.isfinite(terms_sum["loss"]):
-                U.print0(f"non-finite loss at {stage} step {s}: {terms_sum}; stopping (last checkpoint kept)")
-                U.cleanup_dist()
-                raise SystemExit(1)
             gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
+            terms_mean = U.finite_step(terms_sum, gnorm, gstep, tc.run_dir)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            logger.log(s, terms_sum, cur, gnorm.item(), items=tc.batch_size * tc.grad_accum * world)
-            last = s + 1 == steps[stage]
-            if U.is_main() and (last or (s + 1) % tc.ckpt_every == 0):
-                U.save_checkpoint(tc.run_dir, model, config, opt, offset[stage] + s + 1, extra={"stage": stage})
-            if last or (tc.eval_every and (s + 1) % tc.eval_every == 0):
+            log.log(gstep, terms_mean, cur, gnorm.item(), items=tc.batch_size * tc.grad_accum * world, stage=stage)
+            done, last = gstep + 1, s + 1 == steps[stage]
+            if last or (tc.eval_every > 0 and (s + 1) % tc.eval_every == 0):
+                U.sync_buffers(model)
                 metrics[stage] = evaluate(model, eval_objs, tc, stage, lpips_fn,
                                           preview=os.path.join(tc.run_dir, "preview.png") if stage == "recon" else None)
-                U.print0(f"eval {stage} step {s + 1}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics[stage].items()))
-                logger.write({"eval": stage, "step": s + 1, **metrics[stage]})
+                log.eval(done, metrics[stage], stage=stage)
+            if last or (tc.ckpt_every > 0 and (s + 1) % tc.ckpt_every == 0):
+                U.sync_buffers(model)
+                save_checkpoint(tc.run_dir, model, config, opt, done, extra={"stage": stage, "metrics": metrics})
         start = offset[stage] + steps[stage]
         del ddp
 
@@ -365,7 +394,7 @@ def main(argv=None):
                 m, strip = export(g, path, o["K"][0], tc.res, tc.turntable, o["c2w"][0, :3, 3].norm().item())
                 U.print0(f"held-out object {i}: {m} Gaussians -> {path}, {strip}")
     if U.is_main():
-        U.save_json(os.path.join(tc.run_dir, "metrics.json"), {**metrics, "time_s": time.time() - t0})
+        save_json(os.path.join(tc.run_dir, "metrics.json"), {**metrics, "time_s": time.time() - t0})
         U.print0(f"done in {time.time() - t0:.0f}s: weights {os.path.join(tc.run_dir, 'model.safetensors')}, "
                  f"preview {os.path.join(tc.run_dir, 'preview.png')}, metrics {os.path.join(tc.run_dir, 'metrics.json')}")
     U.cleanup_dist()

@@ -12,44 +12,53 @@ nearest other frame's volume warped by ego-motion only.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nano4d import utils as U
+from nano4d.checkpoint import CheckpointError, clean_stale_tmp, load_checkpoint, save_checkpoint, save_json
 from nano4d.data.driving import ProceduralDriving
 from nano4d.data.rig import RigDataset, lidar_to_depths
 from nano4d.metrics import psnr
 from nano4d.mim4d import MIM4D, PRESETS, MIM4DConfig, sample_rays
-from nano4d.utils import (ProgressLogger, cleanup_dist, config_to_dict, is_main, load_resume,
-                          lr_at, parse_config, print0, save_checkpoint, save_image_grid, save_json,
-                          setup_dist)
+from nano4d.utils import flag
+
+# Named bundles of flag values (train fields, "preset", "model.<field>"): --recipe NAME; explicit flags win.
+RECIPES: dict = {}
 
 
 @dataclass
 class TrainConfig:
-    run_dir: str = "runs/mim4d"
-    data: str = ""                  # rig JSON file or folder (nuScenes-style); empty = procedural scenes
-    train_scenes: int = 48          # procedural scenes rendered once and cycled (split "train")
-    val_scenes: int = 4             # held-out procedural scenes (split "val")
-    batch_size: int = 1             # samples per rank per micro-step
-    grad_accum: int = 1
-    steps: int = 400
-    lr: float = 4e-4
-    backbone_lr_mult: float = 0.1
-    weight_decay: float = 0.01
-    warmup: int = 40
-    grad_clip: float = 35.0
-    log_every: int = 10
-    eval_every: int = 100
-    save_every: int = 100
-    seed: int = 0
-    resume: bool = True
+    run_dir: str = flag("runs/mim4d", "output folder: weights, resume state, log.jsonl, previews, metrics.json; a run "
+                        "resumes from it", resume_may_change=True)
+    data: str = flag("", "rig JSON file or folder (nuScenes-style); '' = procedural scenes")
+    num_train: int = flag(48, "procedural training scenes (rendered once and cycled; split 'train')")
+    num_val: int = flag(4, "held-out procedural scenes (split 'val')")
+    batch_size: int = flag(1, "samples per rank per micro-step")
+    grad_accum: int = flag(1, "micro-steps per optimizer step (gradients all-reduced once, at the last)")
+    steps: int = flag(400, "optimizer steps")
+    lr: float = flag(4e-4, "peak lr")
+    backbone_lr_mult: float = flag(0.1, "lr multiplier of the image backbone")
+    min_lr_ratio: float = flag(1e-3, "cosine decays to min_lr_ratio * lr")
+    weight_decay: float = flag(0.01, "AdamW weight decay")
+    warmup: int = flag(40, "linear lr warmup steps")
+    grad_clip: float = flag(35.0, "gradient-norm clip")
+    log_every: int = flag(10, "steps per progress line", resume_may_change=True)
+    eval_every: int = flag(100, "steps per held-out eval + preview; 0 = only at the start and the end",
+                           resume_may_change=True)
+    ckpt_every: int = flag(100, "steps per checkpoint; 0 = only at the end", resume_may_change=True)
+    seed: int = flag(0, "seed (rank r: seed + r for data, seed + 100 r for masks, targets and rays)")
+    amp: str = flag("auto", "autocast: auto = bf16 on CUDA, off on CPU", choices=("auto", "bf16", "off"))
+    resume: str = flag("auto", "auto: continue from run_dir's checkpoint if there is one (exactly; the config must "
+                       "match); weights: load its weights only, start at step 0; fresh: start over",
+                       choices=("auto", "fresh", "weights"), resume_may_change=True)
+    tensorboard: bool = flag(False, "also log to run_dir/tb (needs the tensorboard package)", resume_may_change=True)
+    recipe: str = flag("default", "named bundle of flag values from RECIPES", resume_may_change=True)
 
 
 def make_data(tc: TrainConfig, mc: MIM4DConfig, split: str, rank: int, world: int):
@@ -59,7 +68,7 @@ def make_data(tc: TrainConfig, mc: MIM4DConfig, split: str, rank: int, world: in
         n = len(ds)
         ids = list(range(n))[: max(1, n // 10)] if split == "val" else list(range(n))[max(1, n // 10):] or [0]
     else:
-        n = tc.train_scenes if split == "train" else tc.val_scenes
+        n = tc.num_train if split == "train" else tc.num_val
         ds = ProceduralDriving(num_scenes=n, num_frames=mc.num_frames, res=mc.img_size, split=split, seed=tc.seed)
         ids = list(range(n))
     keys = ("images", "depths", "K", "cam2ego", "ego2world", "lidar2ego")
@@ -104,8 +113,8 @@ def evaluate(model, val, device, run_dir=None, step=0):
                         acc.setdefault(k, []).append(v)
             if run_dir and i < 2:                                               # preview: front camera, newest frame
                 preview.append(render_preview(model, b, tgt=b["images"].shape[1] - 1))
-    if run_dir and preview and is_main():
-        save_image_grid(os.path.join(run_dir, f"preview_{step:06d}.png"), preview)
+    if run_dir and preview and U.is_main():
+        U.save_image_grid(os.path.join(run_dir, f"preview_{step:06d}.png"), preview)
     model.train()
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
@@ -130,45 +139,56 @@ def render_preview(model, b, tgt, cam=0):
 
 
 def run_eval(model, val, device, run_dir, step, log):
-    """Rank 0 evaluates the held-out set (every rank holds the same weights); the others wait."""
-    if is_main():
-        ev = evaluate(model, val, device, run_dir, step)
-        print0(f"eval step {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in ev.items()))
-        log.write({"step": step, "eval": ev})
+    """Rank 0 evaluates the held-out set (every rank holds the same weights and buffers); the others wait."""
+    U.sync_buffers(model)
+    ev = None
+    if U.is_main():
+        with U.rng_isolated():
+            ev = evaluate(model, val, device, run_dir, step)
+        log.eval(step, ev)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+    return ev
 
 
 def main(argv=None):
-    tc, mc = parse_config(TrainConfig, MIM4DConfig, PRESETS, argv=argv)
-    dist = setup_dist(tc.seed)
+    tc, mc = U.parse_config(TrainConfig, MIM4DConfig, PRESETS, argv=argv, recipes=RECIPES)
+    dist = U.setup_dist(tc.seed)
     device = dist.device
-    os.makedirs(tc.run_dir, exist_ok=True)
-    config = config_to_dict(train=tc, model=mc)
-    if is_main():
-        save_json(os.path.join(tc.run_dir, "config.json"), config)
+    U.print0(U.format_config(train=tc, model=mc))
+    config = U.config_to_dict(train=tc, model=mc)
+    if U.is_main():
+        clean_stale_tmp(tc.run_dir)
 
     t0 = time.time()
     train = make_data(tc, mc, "train", dist.rank, dist.world_size)
     val = make_data(tc, mc, "val", 0, 1)
-    print0(f"data: {len(train)} train samples/rank, {len(val)} held-out ({time.time() - t0:.0f} s to render)")
+    U.print0(f"data: {len(train)} train samples/rank, {len(val)} held-out ({time.time() - t0:.0f} s to render)")
 
     model = MIM4D(mc).to(device)
     opt = model.configure_optimizer(tc.lr, tc.weight_decay, backbone_lr_mult=tc.backbone_lr_mult)
-    start, extra = load_resume(tc.run_dir, model, opt, expect_config={"model": config["model"]}) if tc.resume else (0, {})
+    torch.manual_seed(tc.seed + 100 * dist.rank)                               # masks, targets, rays
+    try:
+        res = load_checkpoint(tc.run_dir, model, opt, tc.resume,
+                              expect_config={"model": config["model"], "train": U.resume_config(tc)})
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    start, extra = (res.step, res.extra) if res else (0, {})
+    U.broadcast_state(model)                                                   # all ranks start identical
+    if U.is_main():
+        save_json(os.path.join(tc.run_dir, "config.json"), config)
     if start:
-        print0(f"resumed from step {start}")
+        U.print0(f"resumed from step {start}")
     ddp = DDP(model) if dist.ddp else model
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     n_params = sum(p.numel() for p in model.parameters())
-    print0(f"MIM4D {n_params / 1e6:.2f}M params | {tc.steps} steps | world {dist.world_size} | device {device}")
-    log = ProgressLogger(tc.run_dir, tc.steps, tc.log_every, unit="sample")
+    U.print0(f"MIM4D {n_params / 1e6:.2f}M params | {tc.steps} steps | world {dist.world_size} | device {device}")
+    log = U.ProgressLogger(tc.run_dir, tc.steps, tc.log_every, unit="sample", tensorboard=tc.tensorboard)
+    log.truncate(start)
     if start == 0:
         run_eval(model, val, device, tc.run_dir, 0, log)
-    torch.manual_seed(tc.seed + 100 * dist.rank + start)                      # masks, targets, rays
     pos = int(extra.get("pos", 0))
     for step in range(start, tc.steps):
-        lr = lr_at(step, tc.steps, tc.lr, tc.warmup, 1e-3)
+        lr = U.lr_at(step, tc.steps, tc.lr, tc.warmup, tc.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
         terms_sum = {}
@@ -176,28 +196,28 @@ def main(argv=None):
             idx = [(pos + j) % len(train) for j in range(tc.batch_size)]
             pos += tc.batch_size
             batch = collate([train[i] for i in idx], device)
-            sync = nullcontext() if (micro == tc.grad_accum - 1 or not dist.ddp) else ddp.no_sync()
-            with sync:
-                with amp:
+            with U.grad_sync(ddp, micro, tc.grad_accum):
+                with U.autocast(device, tc.amp):
                     loss, out = ddp(batch)
+                loss = U.inject_nan(loss, step)
                 (loss / tc.grad_accum).backward()
-            for k, v in out["terms"].items():
+            for k, v in {**out["terms"], "loss": loss.detach()}.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + v.item() / tc.grad_accum
-        if not math.isfinite(sum(terms_sum.values())):
-            print0(f"non-finite loss at step {step}: {terms_sum}; stopping (last checkpoint left intact)")
-            break
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        terms_mean = U.finite_step(terms_sum, gnorm, step, tc.run_dir)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        log.log(step, terms_sum, lr, gnorm.item(), items=tc.batch_size * tc.grad_accum * dist.world_size)
-        last = step + 1 == tc.steps
-        if (step + 1) % tc.eval_every == 0 or last:
-            run_eval(model, val, device, tc.run_dir, step + 1, log)
-        if is_main() and ((step + 1) % tc.save_every == 0 or last):
-            save_checkpoint(tc.run_dir, model, config, opt, step + 1, extra={"pos": pos})
-    if is_main():
-        print0(f"done in {time.time() - t0:.0f} s; weights, resume state, log.jsonl and previews in {tc.run_dir}")
-    cleanup_dist()
+        log.log(step, terms_mean, lr, gnorm.item(), items=tc.batch_size * tc.grad_accum * dist.world_size)
+        done, last = step + 1, step + 1 == tc.steps
+        if last or (tc.eval_every > 0 and done % tc.eval_every == 0):
+            ev = run_eval(model, val, device, tc.run_dir, done, log)
+            if last and U.is_main():
+                save_json(os.path.join(tc.run_dir, "metrics.json"), {"step": done, "val": ev})
+        if last or (tc.ckpt_every > 0 and done % tc.ckpt_every == 0):
+            U.sync_buffers(model)
+            save_checkpoint(tc.run_dir, model, config, opt, done, extra={"pos": pos})
+    U.print0(f"done in {time.time() - t0:.0f} s; weights, resume state, log.jsonl and previews in {tc.run_dir}")
+    U.cleanup_dist()
 
 
 if __name__ == "__main__":

@@ -2,13 +2,14 @@
 
     python train_mum.py                                    # tiny preset, procedural objects, CPU ok
     torchrun --standalone --nproc_per_node=2 train_mum.py --steps 600
-    python train_mum.py --preset base --data /path/to/frames --res 224 --images_per_batch 128
-    python train_mum.py --eval_only true --out_dir runs/mum   # matching eval of a finished run
+    python train_mum.py --preset base --data /path/to/frames --res 224 --batch_size 128
+    python train_mum.py --eval_only true --run_dir runs/mum   # matching eval of a finished run
 
-Each step draws V uniformly in [min_views, max_views] and a batch of floor(images_per_batch / V) sequences
+Each step draws V uniformly in [min_views, max_views] and a batch of floor(batch_size / V) sequences
 (dynamic batching, as the official code); each view gets its own RandomResizedCrop(scale 0.2-1) + flip.
 AdamW (0.9, 0.95), wd 0.05 except norms/biases/tokens, lr = blr * images_per_step / 256, warmup + cosine.
-Writes out_dir/{model.safetensors, resume.pt, log.jsonl, preview_*.png, match.json}; resumes from out_dir.
+Writes run_dir/{model.safetensors, resume.pt, log.jsonl, preview_*.png, match.json}; resumes from run_dir
+(--resume auto|weights|fresh). `python train_mum.py --help` explains every flag.
 Data: procedural multi-view objects (nano4d.data.objects.ProceduralObjects, rendered on the fly, cached) by default;
 --data DIR reads a GObjaverse-layout folder (<obj>/<view:05d>/<view:05d>.png) or image-sequence folders
 (<sequence>/*.png|jpg: video frames or photos of one scene, no poses); the last sequences are held out.
@@ -17,49 +18,64 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nano4d import utils as U
+from nano4d.checkpoint import CheckpointError, clean_stale_tmp, load_checkpoint, save_checkpoint, save_json, unwrap
 from nano4d.data.gobjaverse import GObjaverseDataset
 from nano4d.data.objects import ProceduralObjects
 from nano4d.data.sequences import ImageSequenceFolder
 from nano4d.mum import PRESETS, MuM, MuMConfig, mark_views_dynamic
-from nano4d.utils import (ProgressLogger, all_reduce_mean, cleanup_dist, config_to_dict, is_main, load_resume, lr_at,
-                          parse_config, print0, save_checkpoint, save_image_grid, save_json, setup_dist)
+from nano4d.mum_eval import compare, format_table
+from nano4d.utils import flag
+
+# Named bundles of flag values (train fields, "preset", "model.<field>"): --recipe NAME; explicit flags win.
+RECIPES: dict = {}
 
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/mum"
-    data: str = ""                  # "" = procedural objects; else a GObjaverse-layout or image-sequence folder
-    num_objects: int = 128          # procedural training objects (each rank renders its own share, cached)
-    cache_dir: str = "runs/cache"   # procedural renders are stored here (GObjaverse layout); "" = memory only
-    eval_objects: int = 8           # held-out sequences (procedural split "val", or the last ones of --data)
-    src_res: int = 80               # rendered / loaded resolution before the random crop
-    res: int = 64                   # training crop size (multiple of the patch size)
-    min_views: int = 2
-    max_views: int = 12
-    eval_views: int = 4
-    images_per_batch: int = 48      # per process per micro-step; sequences = images_per_batch // V
-    grad_accum: int = 1
-    steps: int = 600
-    warmup: int = 40
-    blr: float = 1.5e-3             # lr = blr * images per optimizer step (all ranks) / 256 (paper: 1.5e-4)
-    min_lr_ratio: float = 0.0       # cosine to 0 as the official schedule
-    weight_decay: float = 0.05
-    grad_clip: float = 0.0          # 0 = no clipping (official); the norm is still logged
-    crop_scale_min: float = 0.2
-    log_every: int = 10
-    eval_every: int = 100
-    save_every: int = 100
-    seed: int = 0
-    compile: bool = False
-    eval_only: bool = False         # only run the stereo matching eval on out_dir/model.safetensors
-    match_eval: bool = True         # after training: frozen-feature matching PCK (needs scikit-image)
+    run_dir: str = flag("runs/mum", "output folder: weights, resume state, log.jsonl, previews, match.json; a run "
+                        "resumes from it", resume_may_change=True)
+    data: str = flag("", "'' = procedural objects; else a GObjaverse-layout or image-sequence folder")
+    num_train: int = flag(128, "procedural training objects (each rank renders its own share, cached)")
+    num_val: int = flag(8, "held-out sequences (procedural split 'val', or the last ones of --data)")
+    cache_dir: str = flag("runs/cache", "procedural renders are stored here (GObjaverse layout); '' = memory only",
+                          resume_may_change=True)
+    src_res: int = flag(80, "rendered / loaded resolution before the random crop")
+    res: int = flag(64, "training crop size (a multiple of the patch size)")
+    min_views: int = flag(2, "fewest views per training sequence")
+    max_views: int = flag(12, "most views per training sequence")
+    eval_views: int = flag(4, "views per held-out sequence")
+    batch_size: int = flag(48, "images per process per micro-step; sequences per micro-step = batch_size // V")
+    grad_accum: int = flag(1, "micro-steps per optimizer step (gradients all-reduced once, at the last)")
+    steps: int = flag(600, "optimizer steps")
+    warmup: int = flag(40, "linear lr warmup steps")
+    lr: float = flag(0.0, "absolute peak lr; 0 = blr * images per optimizer step (all ranks) / 256")
+    blr: float = flag(1.5e-3, "base lr per 256 images, used when --lr is 0 (paper: 1.5e-4)")
+    min_lr_ratio: float = flag(0.0, "cosine decays to min_lr_ratio * lr (0 as the official schedule)")
+    weight_decay: float = flag(0.05, "AdamW weight decay (not on norms, biases, tokens)")
+    grad_clip: float = flag(0.0, "gradient-norm clip; 0 = no clipping (official), the norm is still logged")
+    crop_scale_min: float = flag(0.2, "RandomResizedCrop: smallest crop area fraction")
+    log_every: int = flag(10, "steps per progress line", resume_may_change=True)
+    eval_every: int = flag(100, "steps per held-out eval + preview; 0 = only at the end", resume_may_change=True)
+    ckpt_every: int = flag(100, "steps per checkpoint; 0 = only at the end", resume_may_change=True)
+    seed: int = flag(0, "seed (rank r uses seed + r)")
+    compile: bool = flag(False, "torch.compile the model", resume_may_change=True)
+    amp: str = flag("auto", "autocast: auto = bf16 on CUDA, off on CPU", choices=("auto", "bf16", "off"))
+    resume: str = flag("auto", "auto: continue from run_dir's checkpoint if there is one (exactly; the config must "
+                       "match); weights: load its weights only, start at step 0; fresh: start over",
+                       choices=("auto", "fresh", "weights"), resume_may_change=True)
+    tensorboard: bool = flag(False, "also log to run_dir/tb (needs the tensorboard package)", resume_may_change=True)
+    recipe: str = flag("default", "named bundle of flag values from RECIPES", resume_may_change=True)
+    eval_only: bool = flag(False, "only run the stereo matching eval on run_dir/model.safetensors",
+                           resume_may_change=True)
+    match_eval: bool = flag(True, "after training: frozen-feature matching PCK (needs scikit-image)",
+                            resume_may_change=True)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -70,15 +86,15 @@ def make_datasets(tc: TrainConfig, rank: int, world: int):
     if not tc.data:
         kw = dict(res=tc.src_res, seed=tc.seed, occ_res=0, num_surface_points=0, background="random",
                   cache_dir=tc.cache_dir or None)
-        train = ProceduralObjects(num_objects=tc.num_objects, num_views=tc.max_views, split="train", **kw)
-        held = ProceduralObjects(num_objects=tc.eval_objects, num_views=tc.eval_views, split="val", **kw)
+        train = ProceduralObjects(num_objects=tc.num_train, num_views=tc.max_views, split="train", **kw)
+        held = ProceduralObjects(num_objects=tc.num_val, num_views=tc.eval_views, split="val", **kw)
         return Views(train, range(rank, len(train), world), cache=True), Views(held, range(len(held)), cache=True)
     sub = [os.path.join(tc.data, d) for d in sorted(os.listdir(tc.data)) if os.path.isdir(os.path.join(tc.data, d))]
     if sub and any(len(n) == 5 and n.isdigit() for n in os.listdir(sub[0])):      # <obj>/<view:05d>/...
         ds, pass_v = GObjaverseDataset(tc.data, num_views=tc.max_views, res=tc.src_res, seed=tc.seed), False
     else:                                                                          # <sequence>/*.png|jpg
         ds, pass_v = ImageSequenceFolder(tc.data, views=(1, tc.max_views), res=tc.src_res, seed=tc.seed), True
-    n_held = min(tc.eval_objects, max(1, len(ds) // 10))
+    n_held = min(tc.num_val, max(1, len(ds) // 10))
     train_ids = list(range(len(ds) - n_held))
     return (Views(ds, train_ids[rank::world], pass_v=pass_v),
             Views(ds, range(len(ds) - n_held, len(ds)), cache=True, pass_v=pass_v))
@@ -87,7 +103,8 @@ def make_datasets(tc: TrainConfig, rank: int, world: int):
 class Views:
     """A subset of a multi-view dataset: ``get(i, V)`` -> (V_i, 3, H, W) float images in [0, 1], V_i <= V
     for image-sequence folders (asked for V frames), else all views of the item. ``cache``: keep items in
-    memory as uint8 after the first access (procedural renders, the held-out set)."""
+    memory as uint8 (procedural renders, the held-out set); every access, the first included, returns the
+    uint8-quantized pixels, so a resumed run sees the same images as an uninterrupted one."""
 
     def __init__(self, ds, ids, cache=False, pass_v=False):
         self.ds, self.ids, self.cache, self.pass_v, self.mem = ds, list(ids), cache, pass_v, {}
@@ -103,6 +120,7 @@ class Views:
         imgs = self.ds[(j, V) if self.pass_v else j]["images"]
         if self.cache:
             self.mem[key] = (imgs.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+            return self.mem[key].float() / 255
         return imgs
 
 
@@ -125,9 +143,9 @@ def random_resized_crop(img, out: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), f
 
 
 def sample_batch(ds, tc: TrainConfig):
-    """Dynamic batch: V ~ U[min_views, max_views], floor(images_per_batch / V) sequences -> (B, V, 3, res, res)."""
+    """Dynamic batch: V ~ U[min_views, max_views], floor(batch_size / V) sequences -> (B, V, 3, res, res)."""
     V = random.randint(tc.min_views, tc.max_views)
-    B = max(1, tc.images_per_batch // V)
+    B = max(1, tc.batch_size // V)
     seqs = []
     for _ in range(B):
         views = ds.get(random.randrange(len(ds)), V)
@@ -149,8 +167,7 @@ def evaluate(model, images, device, step, tc, preview=True):
     """Held-out reconstruction loss with a fixed mask (same seed every eval) and a preview PNG:
     for 2 samples, rows = masked input / reconstruction / target, one column per view."""
     model.eval()
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    with torch.random.fork_rng(devices=[]), amp:
+    with U.rng_isolated(), U.autocast(device, tc.amp):
         torch.manual_seed(1234)
         losses, first = [], None
         for i in range(0, len(images), 4):
@@ -159,11 +176,11 @@ def evaluate(model, images, device, step, tc, preview=True):
             losses.append(float(loss) * len(x))
             first = first or (x, out["pred"], out["mask"])
     model.train()
-    if preview and is_main():
+    if preview and U.is_main():
         x, pred, mask = first
         n = min(2, len(x)) * x.shape[1]
         rows = [t[:n] for t in model.reconstruct(x, pred, mask)]
-        save_image_grid(os.path.join(tc.out_dir, f"preview_{step:06d}.png"), rows)
+        U.save_image_grid(os.path.join(tc.run_dir, f"preview_{step:06d}.png"), rows)
     return sum(losses) / len(images)
 
 
@@ -173,57 +190,62 @@ def run_match_eval(tc: TrainConfig):
     try:
         import skimage  # noqa: F401
     except ImportError:
-        print0("match eval skipped: scikit-image is not installed (pip install scikit-image, or the 'test' extra)")
+        U.print0("match eval skipped: scikit-image is not installed (pip install scikit-image, or the 'test' extra)")
         return None
-    from nano4d.mum_eval import compare, format_table
-    res = compare(os.path.join(tc.out_dir, "model.safetensors"))
-    print0(format_table(res))
-    save_json(os.path.join(tc.out_dir, "match.json"), res)
+    res = compare(os.path.join(tc.run_dir, "model.safetensors"))
+    U.print0(format_table(res))
+    save_json(os.path.join(tc.run_dir, "match.json"), res)
     return res
 
 
 def main(argv=None):
-    tc, mc = parse_config(TrainConfig, MuMConfig, PRESETS, argv=argv)
+    tc, mc = U.parse_config(TrainConfig, MuMConfig, PRESETS, argv=argv, recipes=RECIPES)
     if tc.eval_only:
         return run_match_eval(tc)
-    di = setup_dist(tc.seed)
-    random.seed(tc.seed + di.rank)
+    di = U.setup_dist(tc.seed)
     device = di.device
+    U.print0(U.format_config(train=tc, model=mc))
     if tc.res % mc.patch_size:
         raise ValueError(f"--res {tc.res} must be a multiple of the patch size {mc.patch_size}")
     if not 1 <= tc.min_views <= tc.max_views:
         raise ValueError(f"need 1 <= min_views <= max_views, got {tc.min_views}, {tc.max_views}")
-    config = config_to_dict(model=mc, train=tc)
-    if is_main():
-        os.makedirs(tc.out_dir, exist_ok=True)
-        save_json(os.path.join(tc.out_dir, "config.json"), config)
+    config = U.config_to_dict(model=mc, train=tc)
+    if U.is_main():
+        clean_stale_tmp(tc.run_dir)
 
     train_ds, held_ds = make_datasets(tc, di.rank, di.world_size)
     held = heldout_batch(held_ds, tc)
-    print0(f"data: {len(train_ds)} train sequences/rank, {len(held)} held-out x {held.shape[1]} views, "
-           f"crop {tc.res}px from {tc.src_res}px")
+    U.print0(f"data: {len(train_ds)} train sequences/rank, {len(held)} held-out x {held.shape[1]} views, "
+             f"crop {tc.res}px from {tc.src_res}px")
 
     model = MuM(mc).to(device)
-    images_per_step = tc.images_per_batch * tc.grad_accum * di.world_size
-    base_lr = tc.blr * images_per_step / 256
+    images_per_step = tc.batch_size * tc.grad_accum * di.world_size
+    base_lr = tc.lr or tc.blr * images_per_step / 256
     opt = model.configure_optimizer(base_lr, tc.weight_decay)
-    start, _ = load_resume(tc.out_dir, model, opt, expect_config={"model": config["model"]})
-    print0(f"MuM {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {images_per_step} img/step | "
-           f"lr {base_lr:.2e} | world {di.world_size} | " + (f"resumed at step {start}" if start else "from scratch"))
+    try:
+        res = load_checkpoint(tc.run_dir, model, opt, tc.resume, generators=None,
+                              expect_config={"model": config["model"], "train": U.resume_config(tc)})
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    start = res.step if res else 0
+    U.broadcast_state(model)                                                   # all ranks start identical
+    if U.is_main():
+        save_json(os.path.join(tc.run_dir, "config.json"), config)
+    U.print0(f"MuM {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {images_per_step} img/step | "
+             f"lr {base_lr:.2e} | world {di.world_size} | " + (f"resumed at step {start}" if start else
+                                                                 "from loaded weights" if res else "from scratch"))
     if tc.compile:
         model = torch.compile(model)
     dmodel = DDP(model) if di.ddp else model
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    raw = unwrap(model)
 
-    raw = model._orig_mod if tc.compile else model
+    log = U.ProgressLogger(tc.run_dir, tc.steps, interval=tc.log_every, unit="img", tensorboard=tc.tensorboard)
+    log.truncate(start)
     if start == 0:
-        ev = evaluate(raw, held, device, 0, tc)
-        print0(f"step {0:6d} | held-out loss {ev:.4f}")
-        ProgressLogger(tc.out_dir, tc.steps).write({"step": 0, "eval_loss": ev})
-    log = ProgressLogger(tc.out_dir, tc.steps, interval=tc.log_every, unit="img")
+        log.eval(0, {"loss": evaluate(raw, held, device, 0, tc)})
     t0 = time.time()
     for step in range(start, tc.steps):
-        lr = lr_at(step, tc.steps, base_lr, tc.warmup, tc.min_lr_ratio)
+        lr = U.lr_at(step, tc.steps, base_lr, tc.warmup, tc.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
         n_img, loss_sum = 0, 0.0
@@ -231,34 +253,29 @@ def main(argv=None):
             x = sample_batch(train_ds, tc).to(device)
             if tc.compile:
                 mark_views_dynamic(x)
-            sync = nullcontext() if not di.ddp or micro == tc.grad_accum - 1 else dmodel.no_sync()
-            with sync, amp:
-                loss = dmodel({"images": x})[0]
-            with sync:
+            with U.grad_sync(dmodel, micro, tc.grad_accum):
+                with U.autocast(device, tc.amp):
+                    loss = U.inject_nan(dmodel({"images": x})[0], step)
                 (loss / tc.grad_accum).backward()
             loss_sum += loss.detach().float() / tc.grad_accum
             n_img += x.shape[0] * x.shape[1]
-        loss_all = all_reduce_mean(loss_sum)
-        if not torch.isfinite(loss_all):
-            print0(f"non-finite loss at step {step}; stopping (last checkpoint in {tc.out_dir} is intact)")
-            break
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        terms = U.finite_step({"loss": loss_sum}, gnorm, step, tc.run_dir)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        log.log(step, {"loss": float(loss_all)}, lr=lr, grad_norm=float(gnorm), items=n_img * di.world_size)
+        log.log(step, terms, lr=lr, grad_norm=float(gnorm), items=n_img * di.world_size)
 
-        last = step + 1 == tc.steps
-        if (step + 1) % tc.eval_every == 0 or last:
-            ev = evaluate(raw, held, device, step + 1, tc)
-            print0(f"step {step + 1:6d} | held-out loss {ev:.4f} | {time.time() - t0:.0f}s")
-            log.write({"step": step + 1, "eval_loss": ev, "train_time_s": time.time() - t0})
-        if ((step + 1) % tc.save_every == 0 or last) and is_main():
-            save_checkpoint(tc.out_dir, raw, config, opt, step + 1)
-    else:
-        print0(f"trained {tc.steps - start} steps in {time.time() - t0:.0f}s")
-        if tc.match_eval and is_main():
-            run_match_eval(tc)
-    cleanup_dist()
+        done, last = step + 1, step + 1 == tc.steps
+        if last or (tc.eval_every > 0 and done % tc.eval_every == 0):
+            U.sync_buffers(raw)
+            log.eval(done, {"loss": evaluate(raw, held, device, done, tc)})
+        if last or (tc.ckpt_every > 0 and done % tc.ckpt_every == 0):
+            U.sync_buffers(raw)
+            save_checkpoint(tc.run_dir, raw, config, opt, done)
+    U.print0(f"trained {tc.steps - start} steps in {time.time() - t0:.0f}s")
+    if tc.match_eval and U.is_main():
+        run_match_eval(tc)
+    U.cleanup_dist()
 
 
 if __name__ == "__main__":

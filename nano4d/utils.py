@@ -1,23 +1,38 @@
-"""Shared helpers for the training scripts: config flags, distributed setup, LR schedule, checkpoints,
-progress logging, image metrics and PNG grids; the camera helpers of ``nano4d.cameras`` are re-exported
-here (one camera convention everywhere: OpenCV c2w, K in pixels, pixel centres at +0.5).
+"""Run plumbing for the training scripts: config flags (help text, recipes), distributed setup (DDP, gradient
+accumulation, finite-step guard), LR schedule, progress logging (log.jsonl, optional TensorBoard) and PNG
+image grids. Checkpoints and atomic writes live in ``nano4d.checkpoint``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import inspect
+import io
 import json
 import math
 import os
 import random
 import sys
-import tempfile
+import textwrap
 import time
+import tokenize
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nano4d.checkpoint import atomic_write
 
 # ============================================================================ config flags
+
+
+def flag(default, help: str, *, choices=None, resume_may_change: bool = False):
+    """A config field with its ``--help`` text. ``choices``: allowed values. ``resume_may_change``: the field
+    does not influence the trained result (I/O cadence, paths), so a resumed run may change it."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices,
+                                                        "resume_may_change": resume_may_change})
 
 
 def _parse_bool(s: str) -> bool:
@@ -30,43 +45,114 @@ def _parse_bool(s: str) -> bool:
 
 def _flag_type(default):
     if isinstance(default, bool):
-        return dict(type=_parse_bool)
+        return dict(type=_parse_bool, metavar="{true,false}")
     if isinstance(default, tuple):
         elem = type(default[0]) if default else str
         elem = _parse_bool if elem is bool else elem
-        return dict(type=lambda s: tuple(elem(x) for x in s.replace(",", " ").split()))
+        return dict(type=lambda s: tuple(elem(x) for x in s.replace(",", " ").split()), metavar="A,B,..")
     if default is None:
         return dict(type=str)
     return dict(type=type(default))
 
 
-def parse_config(train_cls, model_cls=None, presets: dict | None = None, argv=None, default_preset="tiny"):
-    """Dataclass fields -> argparse flags.
+def _source_comments(cls) -> dict:
+    """``{field: comment}`` from trailing ``# comments`` on a dataclass's field lines (comment-only lines right
+    below, starting in the same column, continue the comment)."""
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    first, comments = {}, {}
+    for t in tokenize.generate_tokens(io.StringIO(src).readline):
+        if t.type == tokenize.COMMENT:
+            comments[t.start[0]] = (t.start[1], t.string.lstrip("#").strip())
+        if t.type not in (tokenize.INDENT, tokenize.DEDENT, tokenize.NL, tokenize.NEWLINE):
+            first.setdefault(t.start[0], t)
+    out, last, col = {}, None, -1
+    for ln in sorted(first):
+        t = first[ln]
+        if t.type == tokenize.NAME and t.string in names and ln in comments:
+            last, (col, out[last]) = t.string, comments[ln]
+        elif t.type == tokenize.COMMENT and last is not None and t.start[1] == col:   # aligned continuation
+            out[last] += " " + comments[ln][1]
+        else:
+            last = None
+    return out
 
-    ``train_cls`` fields become ``--field value``; ``model_cls`` fields (if given) become
-    ``--model.field value`` on top of ``--preset NAME`` (a key of ``presets``, each a ``model_cls``
-    instance). Tuples are given as ``--res 64,64``; bools as ``--flag true/false``.
+
+def _help(f: dataclasses.Field, comments: dict, cls) -> str:
+    h = f.metadata.get("help") or comments.get(f.name)
+    return h or f"{cls.__name__}.{f.name} (described in the docstring of {cls.__module__})"
+
+
+def parse_config(train_cls, model_cls=None, presets: dict | None = None, argv=None, default_preset="tiny",
+                 recipes: dict | None = None, description: str | None = None):
+    """Dataclass fields -> argparse flags (``allow_abbrev=False``; every flag has help text).
+
+    ``train_cls`` fields become ``--field value``; ``model_cls`` fields (if given) become ``--model.field value``
+    on top of ``--preset NAME`` (a key of ``presets``, each a ``model_cls`` instance). Help text comes from
+    ``flag(..., help)`` / ``field(metadata={"help": ...})`` or a trailing ``# comment`` on the field's line.
+    Tuples are given as ``--res 64,64``; bools as ``--flag true/false``.
+
+    ``recipes``: ``{name: {train_field | "preset" | "model.<field>": value}}``; ``--recipe NAME`` applies one
+    bundle (``default``, the empty bundle, is implicit), explicit flags override it. If ``train_cls`` has a
+    ``recipe`` field, the chosen name is stored there.
     Returns the train config, or ``(train_cfg, model_cfg)`` when ``model_cls`` is given.
     """
-    p = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").strip().split("\n")[0])
-    tdefaults = train_cls()
-    for f in dataclasses.fields(train_cls):
-        p.add_argument(f"--{f.name}", dest=f"train__{f.name}", default=getattr(tdefaults, f.name),
-                       **_flag_type(getattr(tdefaults, f.name)))
+    recipes = {"default": {}, **(recipes or {})}
+    tfields = {f.name: f for f in dataclasses.fields(train_cls)}
+    mfields = {f.name: f for f in dataclasses.fields(model_cls)} if model_cls is not None else {}
+    for name, r in recipes.items():
+        bad = [k for k in r if not (k in tfields or (model_cls is not None and (
+            k == "preset" or (k.startswith("model.") and k[6:] in mfields))))]
+        if bad:
+            raise ValueError(f"recipe {name!r}: unknown key(s) {bad} (train fields, 'preset' or 'model.<field>')")
+    if description is None:
+        description = (sys.modules["__main__"].__doc__ or "").strip().split("\n")[0]
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    S = argparse.SUPPRESS
+    tdefaults, tcom = train_cls(), _source_comments(train_cls)
+    for f in tfields.values():
+        if f.name == "recipe":
+            p.add_argument("--recipe", dest="train__recipe", default=S, choices=sorted(recipes),
+                           help=_help(f, tcom, train_cls) + " (explicit flags override the recipe's values)")
+            continue
+        d = getattr(tdefaults, f.name)
+        kw = {"metavar": f.name.upper(), **_flag_type(d)}
+        if f.metadata.get("choices"):
+            kw["choices"] = list(f.metadata["choices"])
+            kw.pop("metavar", None)
+        p.add_argument(f"--{f.name}", dest=f"train__{f.name}", default=S,
+                       help=f"{_help(f, tcom, train_cls)} (default: {d!r})".replace("%", "%%"), **kw)
     if model_cls is not None:
         presets = presets or {}
-        p.add_argument("--preset", default=default_preset if default_preset in presets else None,
-                       choices=sorted(presets) or None, help="model preset")
-        for f in dataclasses.fields(model_cls):
-            ref = getattr(presets.get(default_preset, model_cls()) if presets else model_cls(), f.name)
-            p.add_argument(f"--model.{f.name}", dest=f"model__{f.name}", default=None, **_flag_type(ref))
+        p.add_argument("--preset", default=S, choices=sorted(presets) or None,
+                       help=f"model preset: named {model_cls.__name__} (default: {default_preset!r}); "
+                            "--model.<field> flags override its fields")
+        base = presets.get(default_preset, model_cls())
+        mcom = _source_comments(model_cls)
+        for f in mfields.values():
+            ref = getattr(base, f.name)
+            p.add_argument(f"--model.{f.name}", dest=f"model__{f.name}", default=S,
+                           help=f"{_help(f, mcom, model_cls)} (default: the preset's value)".replace("%", "%%"),
+                           **{"metavar": f.name.upper(), **_flag_type(ref)})
     args = vars(p.parse_args(argv))
-    train = train_cls(**{k[7:]: v for k, v in args.items() if k.startswith("train__")})
+    rname = args.get("train__recipe", "default")
+    recipe = recipes[rname]
+    tvals = {k: v for k, v in recipe.items() if k in tfields}
+    tvals.update({k[7:]: v for k, v in args.items() if k.startswith("train__")})
+    if "recipe" in tfields:
+        tvals["recipe"] = rname
+    train = dataclasses.replace(tdefaults, **tvals)
     if model_cls is None:
         return train
-    base = presets[args["preset"]] if args.get("preset") else model_cls()
-    over = {k[7:]: v for k, v in args.items() if k.startswith("model__") and v is not None}
-    return train, dataclasses.replace(base, **over)
+    preset = args.get("preset", recipe.get("preset", default_preset if default_preset in (presets or {}) else None))
+    if preset is not None and preset not in presets:
+        raise ValueError(f"recipe {rname!r}: unknown preset {preset!r} (presets: {sorted(presets)})")
+    over = {k[6:]: v for k, v in recipe.items() if k.startswith("model.")}
+    over.update({k[7:]: v for k, v in args.items() if k.startswith("model__")})
+    return train, dataclasses.replace(presets[preset] if preset is not None else model_cls(), **over)
 
 
 def config_to_dict(*cfgs, **named) -> dict:
@@ -75,13 +161,23 @@ def config_to_dict(*cfgs, **named) -> dict:
     for c in cfgs:
         out.update(dataclasses.asdict(c))
     for k, c in named.items():
-        out[k] = dataclasses.asdict(c) if dataclasses.is_dataclass(c) else c
+        out[k] = json.loads(json.dumps(dataclasses.asdict(c) if dataclasses.is_dataclass(c) else c, default=str))
     return out
 
 
-def save_json(path: str, obj) -> None:
-    """Write JSON atomically."""
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
+def format_config(**named) -> str:
+    """The resolved configs as ``name: field=value ...`` lines, for printing at the start of a run."""
+    lines = []
+    for k, c in named.items():
+        d = dataclasses.asdict(c) if dataclasses.is_dataclass(c) else dict(c)
+        lines.append(f"{k}: " + " ".join(f"{n}={v!r}" for n, v in d.items()))
+    return "\n".join(lines)
+
+
+def resume_config(train) -> dict:
+    """The train-config fields a resumed run must share with its checkpoint (all but ``resume_may_change``)."""
+    keep = {f.name for f in dataclasses.fields(train) if not f.metadata.get("resume_may_change")}
+    return {k: v for k, v in config_to_dict(t=train)["t"].items() if k in keep}
 
 
 # ============================================================================ distributed
@@ -103,7 +199,6 @@ def setup_dist(seed: int | None = 0) -> DistInfo:
     """Start the process group when run under torchrun (``RANK`` in env), else a single process.
     nccl on CUDA (``set_device`` first), gloo on CPU. Seeds torch/numpy/random with ``seed + rank``."""
     global _DIST
-    import torch.distributed as dist
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) >= 1:
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
         world = int(os.environ["WORLD_SIZE"])
@@ -123,14 +218,9 @@ def setup_dist(seed: int | None = 0) -> DistInfo:
 
 
 def cleanup_dist() -> None:
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def dist_info() -> DistInfo:
-    return _DIST
 
 
 def is_main() -> bool:
@@ -148,14 +238,110 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over ranks (identity without a process group)."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
+    if _dist_on():
         x = x.clone()
         dist.all_reduce(x)
         x /= dist.get_world_size()
     return x
+
+
+def sync_buffers(model: torch.nn.Module) -> None:
+    """Broadcast every buffer (BatchNorm statistics, ...) from rank 0, so all ranks hold identical state before
+    evaluation and checkpoints (DDP syncs buffers only at the start of a forward, each rank keeps its last update)."""
+    if _dist_on():
+        for b in model.buffers():
+            dist.broadcast(b.data, 0)
+
+
+def broadcast_state(model: torch.nn.Module) -> None:
+    """Broadcast every parameter and buffer from rank 0 (once, after building/loading the model): parts that DDP
+    does not wrap (e.g. a later stage's network) then start identical on all ranks too."""
+    if _dist_on():
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                dist.broadcast(t.data, 0)
+
+
+def grad_sync(dmodel: torch.nn.Module, micro: int, grad_accum: int):
+    """The one accumulation idiom: a FRESH ``no_sync()`` context for every micro-step but the last (gradients are
+    all-reduced once, in the last backward), entered around forward AND backward::
+
+        for micro in range(grad_accum):
+            with grad_sync(dmodel, micro, grad_accum):
+                with amp: loss = ...
+                (loss / grad_accum).backward()
+    """
+    if isinstance(dmodel, DDP) and micro < grad_accum - 1:
+        return dmodel.no_sync()
+    return contextlib.nullcontext()
+
+
+def autocast(device: torch.device, amp: str = "auto"):
+    """``amp``: ``auto`` (bf16 autocast on CUDA, none on CPU), ``bf16`` (on any device) or ``off``."""
+    if amp not in ("auto", "bf16", "off"):
+        raise ValueError(f"--amp must be auto, bf16 or off, got {amp!r}")
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@contextlib.contextmanager
+def rng_isolated():
+    """Run a block (evaluation, previews) without touching the training RNG streams (torch CPU/CUDA, numpy,
+    python): what it draws does not change what training draws next."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+def inject_nan(loss: torch.Tensor, step: int) -> torch.Tensor:
+    """Test hook: with env ``NANO4D_INJECT_NAN_STEP=s`` (and ``NANO4D_INJECT_NAN_RANK=r``, default 0), the loss of
+    step ``s`` on rank ``r`` becomes NaN (and so do the gradients). Identity otherwise."""
+    s = os.environ.get("NANO4D_INJECT_NAN_STEP")
+    if s is not None and int(s) == step and int(os.environ.get("NANO4D_INJECT_NAN_RANK", "0")) == _DIST.rank:
+        return loss * float("nan")
+    return loss
+
+
+def finite_step(terms: dict, grad_norm, step: int, run_dir: str = "") -> dict:
+    """Call after backward (and gradient clipping), before ``optimizer.step()``, on every rank.
+
+    One all-reduce gives the mean of the named loss ``terms`` over ranks and whether every rank's terms and
+    the gradient norm are finite. If any is not, every rank stops together: ranks print their local terms,
+    rank 0 names the step, and the process exits with status 1 (no optimizer step, no checkpoint written).
+    Returns the rank-mean terms (floats) for logging."""
+    names = list(terms)
+    local = [float(terms[k]) for k in names]
+    gn = float(grad_norm)
+    bad = not (all(math.isfinite(v) for v in local) and math.isfinite(gn))
+    v = torch.tensor(local + [1.0 if bad else 0.0], dtype=torch.float64)
+    world = 1
+    if _dist_on():
+        v = v.to(_DIST.device)
+        dist.all_reduce(v)
+        v = v.cpu()
+        world = dist.get_world_size()
+    mean = {k: float(v[i]) / world for i, k in enumerate(names)}
+    nbad = int(v[-1].item())
+    if nbad:
+        if bad:
+            print(f"rank {_DIST.rank}: non-finite at step {step}: "
+                  + " ".join(f"{k} {x:.6g}" for k, x in zip(names, local)) + f" grad_norm {gn:.6g}", flush=True)
+        print0(f"stopping: non-finite loss or gradient norm at step {step} on {nbad} rank(s); no update applied, "
+               f"no checkpoint written" + (f"; the last good checkpoint in {run_dir} is kept" if run_dir else ""))
+        cleanup_dist()
+        raise SystemExit(1)
+    return mean
 
 
 # ============================================================================ LR schedule
@@ -170,133 +356,35 @@ def lr_at(step: int, total_steps: int, base_lr: float, warmup: int, min_ratio: f
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-# ============================================================================ checkpoints
-
-
-def _atomic_write(path: str, write_fn) -> None:
-    """Write through a temp file in the same directory, fsync, then ``os.replace`` (atomic on POSIX):
-    a crash mid-write leaves the previous file intact."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare module under DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def save_weights(path: str, model: torch.nn.Module, config: dict) -> None:
-    """Unwrapped model weights -> ``.safetensors`` with ``config`` as JSON in the metadata."""
-    from safetensors.torch import save
-    sd = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    data = save(sd, metadata={"config": json.dumps(config, default=str)})
-    _atomic_write(path, lambda f: f.write(data))
-
-
-def load_weights(path: str, model: torch.nn.Module | None = None, expect_config: dict | None = None,
-                 strict: bool = True):
-    """Load ``.safetensors`` weights (and their config). With ``expect_config``, every key it names must
-    match the stored config, else ``ValueError`` listing the differences. Returns (state_dict, config)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-    config = json.loads(meta.get("config", "{}"))
-    if expect_config is not None:
-        want = json.loads(json.dumps(expect_config, default=str))
-        diff = {k: (config.get(k, "<missing>"), v) for k, v in want.items() if config.get(k, "<missing>") != v}
-        if diff:
-            lines = ", ".join(f"{k}: checkpoint={a!r} vs run={b!r}" for k, (a, b) in sorted(diff.items()))
-            raise ValueError(f"{path}: config mismatch: {lines}")
-    sd = load_file(path)
-    if model is not None:
-        unwrap(model).load_state_dict(sd, strict=strict)
-    return sd, config
-
-
-def save_checkpoint(run_dir: str, model: torch.nn.Module, config: dict, optimizer=None, step: int = 0,
-                    extra: dict | None = None) -> None:
-    """``run_dir/model.safetensors`` (weights + config) and ``run_dir/resume.pt`` (optimizer, step, RNG
-    states, ``extra`` e.g. the data position), both written atomically. Call on rank 0 only."""
-    save_weights(os.path.join(run_dir, "model.safetensors"), model, config)
-    state = {
-        "step": int(step),
-        "optimizer": optimizer.state_dict() if optimizer is not None else {},
-        "rng_torch": torch.get_rng_state(),
-        "rng_numpy": json.dumps(_np_state()),
-        "rng_python": json.dumps(random.getstate()),
-        "config": json.dumps(config, default=str),
-        "extra": json.dumps(extra or {}, default=str),
-    }
-    if torch.cuda.is_available():
-        state["rng_cuda"] = torch.cuda.get_rng_state()
-    import io
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    _atomic_write(os.path.join(run_dir, "resume.pt"), lambda f: f.write(buf.getvalue()))
-
-
-def _np_state():
-    s = np.random.get_state()
-    return [s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])]
-
-
-def load_resume(run_dir: str, model: torch.nn.Module, optimizer=None, expect_config: dict | None = None):
-    """Restore weights, optimizer and RNG states written by ``save_checkpoint``.
-    Returns ``(step, extra)``; ``(0, {})`` when ``run_dir`` holds no checkpoint."""
-    wpath, rpath = os.path.join(run_dir, "model.safetensors"), os.path.join(run_dir, "resume.pt")
-    if not (os.path.exists(wpath) and os.path.exists(rpath)):
-        return 0, {}
-    load_weights(wpath, model, expect_config=expect_config)
-    state = torch.load(rpath, weights_only=True, map_location="cpu")
-    if optimizer is not None and state["optimizer"]:
-        optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng_torch"])
-    s = json.loads(state["rng_numpy"])
-    np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), s[2], s[3], s[4]))
-    random.setstate(_to_tuple(json.loads(state["rng_python"])))
-    if "rng_cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng_cuda"])
-    return int(state["step"]), json.loads(state["extra"])
-
-
-def _to_tuple(x):
-    return tuple(_to_tuple(v) for v in x) if isinstance(x, list) else x
-
-
 # ============================================================================ progress
 
 
 class ProgressLogger:
-    """One line per ``interval`` steps on rank 0 (step/total, named losses, lr, grad norm, step time,
-    throughput, ETA), also appended as JSON to ``run_dir/log.jsonl``."""
+    """Rank 0's progress: one line per ``interval`` steps (step/total, named losses, lr, grad norm, step time,
+    throughput, ETA) and eval lines; every line is also a JSON record in ``run_dir/log.jsonl``:
+    ``{"kind": "train", "step": s, ...}`` and ``{"kind": "eval", "step": s, "split": "val", "metrics": {...}}``
+    (``step`` = optimizer steps done). ``tensorboard=True`` also writes scalars to ``run_dir/tb``
+    (needs the ``tensorboard`` package: ``pip install -e '.[tensorboard]'``)."""
 
-    def __init__(self, run_dir: str | None, total_steps: int, interval: int = 10, unit: str = "img"):
+    def __init__(self, run_dir: str | None, total_steps: int, interval: int = 10, unit: str = "img",
+                 tensorboard: bool = False):
         self.run_dir, self.total, self.interval, self.unit = run_dir, total_steps, max(1, interval), unit
         self.t_last, self.step_last, self.items = time.time(), None, 0
         self.sums: dict = {}
         self.n = 0
+        self.tb = None
+        if tensorboard and is_main():
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                                  "(or pip install -e '.[tensorboard]')") from e
+            self.tb = SummaryWriter(os.path.join(run_dir or ".", "tb"))
 
     def log(self, step: int, losses: dict, lr: float = 0.0, grad_norm: float = float("nan"), items: int = 0,
-            force: bool = False) -> dict | None:
-        """Accumulate one step's numbers; print and write a line every ``interval`` steps (and at the end)."""
+            force: bool = False, **fields) -> dict | None:
+        """Accumulate step ``step`` (0-based)'s numbers; print and write a record every ``interval`` steps (and
+        at the end). ``fields``: constant extra keys for the record (e.g. ``stage``)."""
         if self.step_last is None:
             self.step_last = step - 1
         for k, v in losses.items():
@@ -308,7 +396,8 @@ class ProgressLogger:
         now = time.time()
         steps = max(1, step - self.step_last)
         dt = (now - self.t_last) / steps
-        rec = {"step": step + 1, "total": self.total, **{k: v / self.n for k, v in self.sums.items()},
+        rec = {"kind": "train", "step": step + 1, "total": self.total, **fields,
+               **{k: v / self.n for k, v in self.sums.items()},
                "lr": lr, "grad_norm": float(grad_norm), "step_time": dt,
                f"{self.unit}_per_s": self.items / max(now - self.t_last, 1e-9),
                "eta_s": dt * max(0, self.total - step - 1), "time": now}
@@ -318,14 +407,56 @@ class ProgressLogger:
                   f"{dt * 1000:.0f} ms/step | {rec[f'{self.unit}_per_s']:.3g} {self.unit}/s | "
                   f"eta {_fmt_time(rec['eta_s'])}", flush=True)
             self.write(rec)
+            if self.tb is not None:
+                for k, v in self.sums.items():
+                    self.tb.add_scalar(f"train/{k}", v / self.n, step + 1)
+                self.tb.add_scalar("train/lr", lr, step + 1)
+                self.tb.add_scalar("train/grad_norm", float(grad_norm), step + 1)
         self.t_last, self.step_last, self.items, self.sums, self.n = now, step, 0, {}, 0
         return rec
+
+    def eval(self, step: int, metrics: dict, split: str = "val", **fields) -> dict:
+        """Print and write one eval record ``{"kind": "eval", "step", "split", "metrics", **fields}``."""
+        rec = {"kind": "eval", "step": int(step), "split": split, **fields,
+               "metrics": {k: float(v) for k, v in metrics.items()}}
+        if is_main():
+            tag = " ".join(f"{k} {v}" for k, v in fields.items())
+            print(f"eval {split} step {step}{' ' + tag if tag else ''} | "
+                  + " | ".join(f"{k} {v:.4f}" for k, v in rec["metrics"].items()), flush=True)
+            self.write(rec)
+            if self.tb is not None:
+                for k, v in rec["metrics"].items():
+                    self.tb.add_scalar(f"{split}/{k}", v, step)
+        return rec
+
+    def image(self, tag: str, images, step: int) -> None:
+        """A preview (anything ``image_grid`` takes) to TensorBoard, when enabled."""
+        if self.tb is not None:
+            self.tb.add_image(tag, image_grid(images), step)
 
     def write(self, rec: dict) -> None:
         if self.run_dir and is_main():
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            if self.tb is not None:
+                self.tb.flush()
+
+    def truncate(self, step: int) -> None:
+        """Drop the records a resumed run redoes: keep those with ``step <= step`` (none when ``step == 0``)."""
+        path = os.path.join(self.run_dir or "", "log.jsonl")
+        if not (self.run_dir and is_main() and os.path.exists(path)):
+            return
+        keep = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue                                   # a line torn by a kill
+                if step > 0 and int(rec.get("step", 0)) <= step:
+                    keep.append(json.dumps(rec) + "\n")
+        atomic_write(path, "".join(keep).encode())
 
 
 def _fmt_time(s: float) -> str:
@@ -333,10 +464,13 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def save_image_grid(path: str, images, nrow: int | None = None, pad: int = 2) -> str:
-    """Save images as one PNG grid. ``images``: (N, C, H, W) tensor in [0, 1] (C = 1 or 3), or a list of
-    rows, each a (n, C, H, W) tensor (rows may differ in image size; cells are padded). Returns ``path``."""
-    from PIL import Image
+# ============================================================================ image grids
+
+
+def image_grid(images, nrow: int | None = None, pad: int = 2) -> torch.Tensor:
+    """Images -> one (3, H, W) canvas in [0, 1] on white. ``images``: (N, C, H, W) tensor in [0, 1] (C = 1 or 3),
+    ``nrow`` per row, or a list of rows, each a (n, C, H, W) tensor (rows may differ in image size; cells are
+    padded)."""
     rows = [images[i:i + (nrow or len(images))] for i in range(0, len(images), nrow or len(images))] \
         if torch.is_tensor(images) else list(images)
     rows = [r.detach().float().cpu().clamp(0, 1) for r in rows]
@@ -349,7 +483,11 @@ def save_image_grid(path: str, images, nrow: int | None = None, pad: int = 2) ->
         for j, im in enumerate(r):
             y, x = pad + i * ch, pad + j * cw
             canvas[:, y:y + im.shape[-2], x:x + im.shape[-1]] = im
-    arr = (canvas.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _atomic_write(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
-    return path
+    return canvas
+
+
+def save_image_grid(path: str, images, nrow: int | None = None, pad: int = 2) -> str:
+    """Save ``image_grid(images, nrow, pad)`` as a PNG (written atomically). Returns ``path``."""
+    from PIL import Image
+    arr = (image_grid(images, nrow, pad).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    return atomic_write(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))

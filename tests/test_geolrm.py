@@ -12,7 +12,6 @@ import torch
 
 import nano4d.geolrm as G
 from nano4d import cameras as C
-from nano4d.ply import load_ply
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -320,68 +319,6 @@ def test_losses_decrease_when_fitting_one_object(torch_path):
         opt.step()
         prop.append(lp.item()), rec.append(lr.item())
     assert prop[-1] < 0.9 * prop[0] and rec[-1] < 0.9 * rec[0], (prop, rec)
-
-
-# ----------------------------------------------------------------------------- training script
-
-
-def test_train_script_both_stages_resume_and_inference(tmp_path, torch_path):
-    sys.path.insert(0, ROOT)
-    import train_geolrm as T
-    run = str(tmp_path / "run")
-    args = ["--run_dir", run, "--model.img_size", "16", "--res", "16", "--num_train", "2", "--num_eval", "1",
-            "--views_per_object", "4", "--eval_views", "6", "--novel_views", "2", "--eval_inputs", "2",
-            "--max_inputs", "2", "--num_targets", "2", "--prop_steps", "2", "--recon_steps", "2", "--warmup", "1",
-            "--lpips", "false", "--export_ply", "1", "--turntable", "2", "--log_every", "1",
-            "--model.enc_depth", "1", "--model.depth", "1", "--model.max_tokens", "32"]
-    m = T.main(args)
-    assert 0 <= m["proposal"]["occ_iou"] <= 1 and math.isfinite(m["recon"]["psnr"])
-    assert math.isfinite(m["recon"]["base_psnr"]) and set(m["psnr_vs_views"]) == {2, 4}
-    for f in ("model.safetensors", "resume.pt", "preview.png", "metrics.json", "heldout_0.ply",
-              "heldout_0_turntable.png", "log.jsonl"):
-        assert os.path.exists(os.path.join(run, f)), f
-    assert load_ply(os.path.join(run, "heldout_0.ply"))["means"].shape[0] > 0
-    # resume: two more recon steps continue from step 4
-    m2 = T.main(args + ["--recon_steps", "4"])
-    import json
-    steps = [json.loads(ln) for ln in open(os.path.join(run, "log.jsonl"))]
-    recon = [r["step"] for r in steps if "loss" in r and "bce" not in r]
-    assert recon[-2:] == [3, 4] and "recon" in m2
-    # inference CLI on a .pt of posed images (any number of views)
-    from nano4d.data.objects import ProceduralObjects
-    d = ProceduralObjects(1, num_views=3, res=16, seed=9, split="test", occ_res=0, num_surface_points=0)[0]
-    torch.save({"images": d["images"], "c2w": d["c2w"], "K": d["K"]}, tmp_path / "obj.pt")
-    T.main(["--infer", str(tmp_path / "obj.pt"), "--ckpt", os.path.join(run, "model.safetensors"),
-            "--run_dir", str(tmp_path / "inf"), "--turntable", "3"])
-    assert load_ply(str(tmp_path / "inf" / "infer.ply"))["means"].shape[1] == 3
-    assert os.path.exists(tmp_path / "inf" / "infer_turntable.png")
-
-
-def test_gobjaverse_folder_loading_and_depth_occupancy(tmp_path):
-    """``--data DIR``: objects in the GObjaverse layout are read, resized, and without occupancy.npy their
-    occupancy is binned from the depth maps; those cells lie on the true surface (|SDF| <= half a cell
-    diagonal at the centre), and cover most of it."""
-    sys.path.insert(0, ROOT)
-    import train_geolrm as T
-    from nano4d.data.gobjaverse import write_gobjaverse_object
-    from nano4d.data.objects import ProceduralObjects, occupancy_grid
-    ds = ProceduralObjects(3, num_views=6, res=24, occ_res=0, num_surface_points=0, background="white")
-    for i in range(3):
-        d = ds._render(i)
-        rgba = torch.cat([d["rgb"], d["alphas"]], 1).permute(0, 2, 3, 1)
-        write_gobjaverse_object(str(tmp_path), f"obj{i}", rgba, d["c2w"], d["K"], depth=d["depths"][:, 0])
-    tc = T.TrainConfig(data=str(tmp_path), num_eval=1, res=16)
-    mc = micro_cfg(occ_res=16)
-    train, held = T.load_objects(tc, mc, "train", 0, 0, 0, 1), T.load_objects(tc, mc, "test", 0, 0, 0, 1)
-    assert len(train) == 2 and len(held) == 1
-    o = held[0]
-    assert o["images"].shape == (6, 3, 16, 16) and o["occupancy"].shape == (16, 16, 16)
-    torch.testing.assert_close(o["K"][0, 0, 0], ds._render(2)["K"][0, 0, 0] * 16 / 24)
-    assert o["images"].min() >= 0 and o["images"].max() <= 1
-    surface = occupancy_grid(ds.get_object(2), 16, "surface")
-    occ = o["occupancy"].bool()
-    assert occ.sum() > 0.3 * surface.sum()
-    assert (occ & surface.bool()).sum() >= 0.98 * occ.sum()
 
 
 # ----------------------------------------------------------------------------- official behaviours (one test per flag)

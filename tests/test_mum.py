@@ -1,4 +1,4 @@
-"""MuM model, training script and matching eval (nano4d/mum.py, train_mum.py, nano4d/mum_eval.py).
+"""MuM model (nano4d/mum.py); the training script is tested in tests/test_train_mum.py.
 
 Most tests run the model through the pure-torch attention path (NANO4D_FORCE_TRITON=0) because the
 kernel itself is tested in tests/test_patch_attn.py; `test_triton_path_matches_reference` and
@@ -6,7 +6,6 @@ kernel itself is tested in tests/test_patch_attn.py; `test_triton_path_matches_r
 """
 import ast
 import builtins
-import importlib.util
 import json
 import os
 import sys
@@ -487,40 +486,3 @@ def test_compile_fullgraph_and_new_view_count_does_not_recompile():
         assert torch.isfinite(loss)
     assert cnt.frame_count == 1, cnt.frame_count
     torch._dynamo.reset()
-
-
-# ------------------------------------------------------------------------------------------ training script
-
-def test_train_script_runs_resumes_and_loss_falls(tmp_path, torch_path):
-    sys.path.insert(0, ROOT)
-    import train_mum
-    args = ["--out_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache"), "--num_objects", "2",
-            "--eval_objects", "2", "--max_views", "3", "--eval_views", "2", "--src_res", "32", "--res", "32",
-            "--images_per_batch", "6", "--warmup", "1", "--blr", "0.05", "--log_every", "2", "--eval_every", "4",
-            "--save_every", "4", "--match_eval", "false", "--model.embed_dim", "64", "--model.num_heads", "2",
-            "--model.depth", "1", "--model.decoder_dim", "32", "--model.decoder_heads", "2", "--model.decoder_depth", "2"]
-    train_mum.main(args + ["--steps", "4"])
-    run = tmp_path / "run"
-    assert (run / "model.safetensors").exists() and (run / "resume.pt").exists()
-    assert (run / "preview_000000.png").exists() and (run / "preview_000004.png").exists()
-    train_mum.main(args + ["--steps", "8"])                                   # resumes at step 4
-    recs = [json.loads(line) for line in open(run / "log.jsonl")]
-    evals = [r["eval_loss"] for r in recs if "eval_loss" in r]
-    steps = [r["step"] for r in recs if "eval_loss" in r]
-    assert steps == [0, 4, 8], steps                                        # no second step-0 eval: resumed
-    assert evals[-1] < evals[0], evals                                       # held-out loss falls
-    cfg = json.load(open(run / "config.json"))
-    assert cfg["model"]["embed_dim"] == 64 and cfg["train"]["steps"] == 8
-    if importlib.util.find_spec("skimage"):                                  # the checkpoint feeds the eval
-        from nano4d.mum_eval import compare
-        res = compare(str(run / "model.safetensors"), scale=0.25, seeds=(0, 1))
-        assert len(res["random_init_seeds"]) == 2 and res["trained"]["n_valid"] == res["raw_pixels"]["n_valid"]
-
-
-def test_random_resized_crop_shapes_and_range():
-    sys.path.insert(0, ROOT)
-    from train_mum import random_resized_crop
-    img = torch.rand(3, 40, 56)
-    for _ in range(20):
-        out = random_resized_crop(img, 32)
-        assert out.shape == (3, 32, 32) and out.min() >= 0 and out.max() <= 1

@@ -1,0 +1,94 @@
+"""train_mum.py: flags, exact resume (incl. a kill between the checkpoint files), refusals, DDP + accumulation,
+rank equality and the NaN stop under a 2-process torchrun."""
+import importlib.util
+import json
+import os
+import shutil
+
+import pytest
+
+from tests._scripts import (assert_finite_checkpoint, assert_ranks_equal, assert_same_run, kill_between_files,
+                            log_records, torchrun)
+
+import train_mum  # noqa: E402  (tests._scripts puts the repository root on sys.path)
+
+TINY = ["--cache_dir", "", "--num_train", "2", "--num_val", "1", "--min_views", "2", "--max_views", "3",
+        "--eval_views", "2", "--src_res", "32", "--res", "32", "--batch_size", "6", "--warmup", "1", "--blr", "0.05",
+        "--log_every", "1", "--match_eval", "false", "--model.embed_dim", "32", "--model.num_heads", "2",
+        "--model.depth", "1", "--model.decoder_dim", "32", "--model.decoder_heads", "2", "--model.decoder_depth", "2"]
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    monkeypatch.setenv("NANO4D_FORCE_TRITON", "0")          # CPU references: no kernel is under test here
+
+
+def test_resume_is_bit_identical_and_refusals(tmp_path, monkeypatch, torch_path, capsys):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    args = TINY + ["--steps", "6", "--ckpt_every", "2", "--eval_every", "0"]
+    train_mum.main(args + ["--run_dir", a])
+    kill_between_files(monkeypatch, train_mum.main, args + ["--run_dir", b], step=4)
+    open(os.path.join(b, ".tmp_x_resume.pt"), "wb").write(b"torn")           # debris of a killed write
+    train_mum.main(args + ["--run_dir", b])
+    out = capsys.readouterr().out
+    assert "resumed at step 4" in out and "model.safetensors was at step 2 (interrupted checkpoint write)" in out
+    assert not os.path.exists(os.path.join(b, ".tmp_x_resume.pt"))
+    assert_same_run(a, b)
+    recs = log_records(a)
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    ev = [r for r in recs if r["kind"] == "eval"]                           # --eval_every 0: start and end only
+    assert [r["step"] for r in ev] == [0, 6] and ev[0]["split"] == "val"
+    assert ev[-1]["metrics"]["loss"] < ev[0]["metrics"]["loss"]             # held-out loss falls
+    assert os.path.exists(os.path.join(a, "preview_000006.png"))
+    cfg = json.load(open(os.path.join(a, "config.json")))
+    assert cfg["model"]["embed_dim"] == 32 and cfg["train"]["steps"] == 6
+    # a changed schedule is refused, naming the difference; nothing is overwritten
+    before = open(os.path.join(a, "model.safetensors"), "rb").read()
+    with pytest.raises(SystemExit, match=r"train.steps: checkpoint=6 vs run=8.*--resume fresh"):
+        train_mum.main(args + ["--run_dir", a, "--steps", "8"])
+    with pytest.raises(SystemExit):
+        train_mum.main(args + ["--run_dir", a, "--step", "8"])               # no abbreviations
+    # weights without resume.pt: refused
+    os.makedirs(tmp_path / "c")
+    shutil.copy(os.path.join(a, "model.safetensors"), tmp_path / "c")
+    with pytest.raises(SystemExit, match=r"resume.pt is missing next to .*--resume weights"):
+        train_mum.main(args + ["--run_dir", str(tmp_path / "c")])
+    assert open(os.path.join(a, "model.safetensors"), "rb").read() == before
+    if importlib.util.find_spec("skimage"):                                  # the checkpoint feeds the eval
+        from nano4d.mum_eval import compare
+        res = compare(os.path.join(a, "model.safetensors"), scale=0.25, seeds=(0, 1))
+        assert len(res["random_init_seeds"]) == 2 and res["trained"]["n_valid"] == res["raw_pixels"]["n_valid"]
+
+
+def test_views_cache_returns_quantized_pixels_every_time():
+    class DS:
+        def __getitem__(self, i):
+            import torch
+            return {"images": torch.full((2, 3, 4, 4), 0.3)}
+    v = train_mum.Views(DS(), [0], cache=True)
+    first, again = v.get(0, 2), v.get(0, 2)
+    assert (first == again).all() and (first * 255).sub(77).abs().max() < 1e-4   # round(0.3 * 255) = 77
+
+
+def test_torchrun_grad_accum_rank_equality_and_nan_stop(tmp_path):
+    """2 processes (gloo), --grad_accum 2: two good steps (ranks identical at each checkpoint), then NaN on rank 1
+    at step 2: both ranks stop together, exit non-zero, the last checkpoint stays the finite step-2 one."""
+    run = str(tmp_path / "run")
+    r = torchrun("train_mum", TINY + ["--run_dir", run, "--steps", "4", "--grad_accum", "2", "--ckpt_every", "1",
+                                      "--eval_every", "0", "--batch_size", "4"], str(tmp_path),
+                 env={"NANO4D_INJECT_NAN_STEP": "2", "NANO4D_INJECT_NAN_RANK": "1"})
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert "rank 1: non-finite at step 2: loss nan" in out, out
+    assert "stopping: non-finite loss or gradient norm at step 2" in out, out
+    assert_ranks_equal(str(tmp_path), [1, 2])
+    assert_finite_checkpoint(run, 2)
+    assert [r["step"] for r in log_records(run) if r["kind"] == "train"] == [1, 2]
+
+
+def test_random_resized_crop_shapes_and_range():
+    import torch
+    img = torch.rand(3, 40, 56)
+    for _ in range(20):
+        out = train_mum.random_resized_crop(img, 32)
+        assert out.shape == (3, 32, 32) and out.min() >= 0 and out.max() <= 1
