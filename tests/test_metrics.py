@@ -275,3 +275,36 @@ def test_chamfer_batched_and_gradients():
         M.chamfer_distance(x, y[0])
     with pytest.raises(ValueError, match="empty"):
         M.nearest_neighbors(x[0], y[0, :0])
+
+
+# ---------------------------------------------------------------- cross-checks against the standard libraries
+
+
+def test_psnr_ssim_match_scikit_image():
+    metrics_mod = pytest.importorskip("skimage.metrics", reason="scikit-image (test extra)")
+    from nano4d.metrics import psnr, ssim
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 40, 37, generator=g, dtype=torch.float64)
+    b = (a + 0.1 * torch.randn(a.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    for i in range(2):
+        x, y = a[i].permute(1, 2, 0).numpy(), b[i].permute(1, 2, 0).numpy()
+        ref_s = metrics_mod.structural_similarity(x, y, data_range=1.0, channel_axis=2, gaussian_weights=True,
+                                                  sigma=1.5, use_sample_covariance=False)
+        ref_p = metrics_mod.peak_signal_noise_ratio(x, y, data_range=1.0)
+        assert abs(float(ssim(a[i:i + 1], b[i:i + 1])) - ref_s) < 1e-5
+        assert abs(float(psnr(a[i:i + 1], b[i:i + 1])) - ref_p) < 1e-4
+
+
+def test_chamfer_fscore_match_scipy():
+    spatial = pytest.importorskip("scipy.spatial", reason="scipy (comes with scikit-image, the test extra)")
+    from nano4d.metrics import chamfer_distance, fscore
+    g = torch.Generator().manual_seed(1)
+    p, q = torch.rand(500, 3, generator=g, dtype=torch.float64), torch.rand(300, 3, generator=g, dtype=torch.float64)
+    d_pq, _ = spatial.cKDTree(q.numpy()).query(p.numpy())
+    d_qp, _ = spatial.cKDTree(p.numpy()).query(q.numpy())
+    ref = (d_pq ** 2).mean() + (d_qp ** 2).mean()
+    assert abs(float(chamfer_distance(p, q)) - ref) < 1e-9
+    f, prec, rec = fscore(p, q, tau=0.05)
+    rp, rr = (d_pq <= 0.05).mean(), (d_qp <= 0.05).mean()
+    assert abs(float(prec) - rp) < 1e-6 and abs(float(rec) - rr) < 1e-6
+    assert abs(float(f) - 2 * rp * rr / (rp + rr)) < 1e-6
