@@ -230,14 +230,14 @@ def save_checkpoint(run_dir: str, model: torch.nn.Module, config: dict, optimize
     Call on EVERY rank: each rank's RNG streams (and ``generators``, e.g. a mask generator) are gathered into
     ``resume.pt``; rank 0 writes. ``extra``: JSON-able script state (data position, stage, metrics). Model and
     optimizer state must be identical on all ranks (DDP; sync buffers first). Refuses non-finite weights."""
+    sd = _cpu_state(model)
+    _check_finite(sd, os.path.join(run_dir, RESUME))   # every rank holds the same weights: all refuse together
     ranks = [rng_state(generators)]
     if _dist_on():
         ranks = [None] * dist.get_world_size()
         dist.all_gather_object(ranks, rng_state(generators))
         if dist.get_rank() != 0:
             return
-    sd = _cpu_state(model)
-    _check_finite(sd, os.path.join(run_dir, RESUME))
     state = {"format": FORMAT, "step": int(step), "world_size": len(ranks), "model": sd,
              "optimizer": optimizer.state_dict() if optimizer is not None else {},
              "ranks": ranks, "config": json.dumps(config, default=str), "extra": json.dumps(extra or {}, default=str)}

@@ -29,6 +29,8 @@ def test_resume_is_bit_identical_and_refusals(tmp_path, monkeypatch, torch_path,
     train_mum.main(args + ["--run_dir", a])
     kill_between_files(monkeypatch, train_mum.main, args + ["--run_dir", b], step=4)
     open(os.path.join(b, ".tmp_x_resume.pt"), "wb").write(b"torn")           # debris of a killed write
+    with open(os.path.join(b, "log.jsonl"), "a") as f:                        # a record of a step that is redone
+        f.write(json.dumps({"kind": "train", "step": 5, "loss": 9.0}) + "\n")
     train_mum.main(args + ["--run_dir", b])
     out = capsys.readouterr().out
     assert "resumed at step 4" in out and "model.safetensors was at step 2 (interrupted checkpoint write)" in out
@@ -48,6 +50,14 @@ def test_resume_is_bit_identical_and_refusals(tmp_path, monkeypatch, torch_path,
         train_mum.main(args + ["--run_dir", a, "--steps", "8"])
     with pytest.raises(SystemExit):
         train_mum.main(args + ["--run_dir", a, "--step", "8"])               # no abbreviations
+    # a corrupt resume.pt: one error naming the file
+    os.makedirs(tmp_path / "d")
+    for f in ("model.safetensors", "resume.pt"):
+        shutil.copy(os.path.join(a, f), tmp_path / "d")
+    data = open(tmp_path / "d" / "resume.pt", "rb").read()
+    open(tmp_path / "d" / "resume.pt", "wb").write(data[:len(data) // 2])
+    with pytest.raises(SystemExit, match=r"error: .*d/resume.pt: cannot read the resume state .*corrupt or truncated"):
+        train_mum.main(args + ["--run_dir", str(tmp_path / "d")])
     # weights without resume.pt: refused
     os.makedirs(tmp_path / "c")
     shutil.copy(os.path.join(a, "model.safetensors"), tmp_path / "c")
