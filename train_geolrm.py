@@ -373,6 +373,7 @@ def main(argv=None):
                 metrics[stage] = evaluate(model, eval_objs, tc, stage, lpips_fn,
                                           preview=os.path.join(tc.run_dir, "preview.png") if stage == "recon" else None)
                 log.eval(done, metrics[stage], stage=stage)
+                log.image("preview", os.path.join(tc.run_dir, "preview.png") if stage == "recon" else "", done)
             if last or (tc.ckpt_every > 0 and (s + 1) % tc.ckpt_every == 0):
                 U.sync_buffers(model)
                 save_checkpoint(tc.run_dir, model, config, opt, done, extra={"stage": stage, "metrics": metrics})

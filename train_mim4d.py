@@ -146,6 +146,7 @@ def run_eval(model, val, device, run_dir, step, log):
         with U.rng_isolated():
             ev = evaluate(model, val, device, run_dir, step)
         log.eval(step, ev)
+        log.image("preview", os.path.join(run_dir, f"preview_{step:06d}.png"), step)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return ev

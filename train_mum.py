@@ -269,6 +269,7 @@ def main(argv=None):
         if last or (tc.eval_every > 0 and done % tc.eval_every == 0):
             U.sync_buffers(raw)
             log.eval(done, {"loss": evaluate(raw, held, device, done, tc)})
+            log.image("preview", os.path.join(tc.run_dir, f"preview_{done:06d}.png"), done)
         if last or (tc.ckpt_every > 0 and done % tc.ckpt_every == 0):
             U.sync_buffers(raw)
             save_checkpoint(tc.run_dir, raw, config, opt, done)

@@ -431,9 +431,19 @@ class ProgressLogger:
         return rec
 
     def image(self, tag: str, images, step: int) -> None:
-        """A preview (anything ``image_grid`` takes) to TensorBoard, when enabled."""
-        if self.tb is not None:
-            self.tb.add_image(tag, image_grid(images), step)
+        """A preview to TensorBoard, when enabled: a PNG path (e.g. what ``save_image_grid`` wrote) or anything
+        ``image_grid`` takes."""
+        if self.tb is None:
+            return
+        if isinstance(images, str):
+            if not os.path.exists(images):
+                return
+            with Image.open(images) as im:
+                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            grid = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
+        else:
+            grid = image_grid(images)
+        self.tb.add_image(tag, grid, step)
 
     def write(self, rec: dict) -> None:
         if self.run_dir and is_main():

@@ -64,6 +64,10 @@ def test_resume_is_bit_identical_and_refusals(tmp_path, monkeypatch, torch_path,
     with pytest.raises(SystemExit, match=r"resume.pt is missing next to .*--resume weights"):
         train_mum.main(args + ["--run_dir", str(tmp_path / "c")])
     assert open(os.path.join(a, "model.safetensors"), "rb").read() == before
+    # --resume weights: the trained weights at step 0 (their held-out loss is the finished run's last one)
+    train_mum.main(args + ["--run_dir", str(tmp_path / "c"), "--resume", "weights", "--steps", "1"])
+    first = [r for r in log_records(str(tmp_path / "c")) if r["kind"] == "eval"][0]
+    assert first["step"] == 0 and first["metrics"] == ev[-1]["metrics"]
     if importlib.util.find_spec("skimage"):                                  # the checkpoint feeds the eval
         from nano4d.mum_eval import compare
         res = compare(os.path.join(a, "model.safetensors"), scale=0.25, seeds=(0, 1))

@@ -141,6 +141,7 @@ def test_tensorboard_logging(tmp_path):
     log.log(0, {"loss": 1.0}, lr=0.1, grad_norm=0.5)
     log.eval(1, {"psnr": 20.0})
     log.image("preview", torch.rand(2, 3, 8, 8), 1)
+    log.image("preview_png", U.save_image_grid(str(tmp_path / "p.png"), torch.rand(2, 3, 8, 8)), 1)
     log.tb.flush()
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tb"))
 
