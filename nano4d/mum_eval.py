@@ -18,12 +18,12 @@ motion" (patch i -> i).
 Needs scikit-image (in the optional `test` extra).
 """
 import argparse
-import json
 import time
 
 import torch
 import torch.nn.functional as F
 
+from nano4d.checkpoint import save_json
 from nano4d.mum import MuM
 
 
@@ -156,8 +156,7 @@ def main(argv=None):
     res = compare(args.ckpt, args.scale, official=args.official)
     print(format_table(res))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2)
+        save_json(args.out, res)
     return res
 
 

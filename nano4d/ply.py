@@ -12,10 +12,10 @@ rgb = 0.5 + C0 * f_dc), so a round trip returns the input (up to float32 and the
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
+
+from nano4d.checkpoint import atomic_write
 
 SH_C0 = 0.28209479177387814
 _BASE = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
@@ -43,12 +43,7 @@ def save_ply(path: str, means, quats, scales, opacities, rgb, min_opacity: float
     header = ["ply", "format binary_little_endian 1.0", f"element vertex {len(data)}"]
     names = _BASE + [f"f_rest_{i}" for i in range(n_rest)] + _TAIL
     header += [f"property float {n}" for n in names] + ["end_header"]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(("\n".join(header) + "\n").encode("ascii"))
-        f.write(data.tobytes())
-    os.replace(tmp, path)
+    atomic_write(path, ("\n".join(header) + "\n").encode("ascii") + data.tobytes())
     return len(data)
 
 
