@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 
 import numpy as np
@@ -50,6 +51,7 @@ CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BA
 LIDAR = "LIDAR_TOP"
 TABLES = ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor", "ego_pose", "log",
           "scene", "sample", "sample_data", "sample_annotation", "map")
+log = logging.getLogger("nano4d.data")
 MINI_SPLITS = {"val": ("scene-0103", "scene-0916"),
                "train": ("scene-0061", "scene-0553", "scene-0655", "scene-0757", "scene-0796", "scene-1077",
                          "scene-1094", "scene-1100")}
@@ -75,12 +77,13 @@ def _pose_record(T: torch.Tensor) -> dict:
 
 
 def write_nuscenes(root: str, samples, version: str = "v1.0-mini", key_every: int | None = None,
-                   jpeg_quality: int = 95, start_us: int = 1_533_151_603_000_000) -> str:
+                   jpeg_quality: int = 95, start_us: int = 1_533_151_603_000_000, scene_names=None) -> str:
     """Write driving samples (each a ``ProceduralDriving`` item: images (T, C, 3, H, W), K (C, 3, 3), cam2ego
     (C, 4, 4), ego2world (T, 4, 4), timestamps (T,) s, cam_names, lidar (T, P, 3) ego frame + lidar_mask +
     lidar2ego) as one nuScenes scene each under ``root`` (tables in ``root/version``). Frame k is a camera
     sweep, or a key frame (a ``sample``, with LiDAR) when (T - 1 - k) is a multiple of ``key_every``
-    (default T: only the last frame). Returns ``root``."""
+    (default T: only the last frame). ``scene_names``: scene names (default "scene-0000", ...; use nuScenes' names
+    to place scenes in its official splits). Returns ``root``."""
     tables = {t: [] for t in TABLES}
     os.makedirs(os.path.join(root, version), exist_ok=True)
     sensors = {}
@@ -116,7 +119,8 @@ def write_nuscenes(root: str, samples, version: str = "v1.0-mini", key_every: in
                                      "next": sample_tok[keys[j + 1]] if j + 1 < len(keys) else ""})
         tables["scene"].append({"token": _token("scene", s_idx), "log_token": log_token, "nbr_samples": len(keys),
                                 "first_sample_token": sample_tok[keys[0]], "last_sample_token": sample_tok[keys[-1]],
-                                "name": f"scene-{s_idx:04d}", "description": "nano4d procedural street"})
+                                "name": scene_names[s_idx] if scene_names else f"scene-{s_idx:04d}",
+                                "description": "nano4d procedural street"})
         H, W = s["images"].shape[-2:]
         channels = [(c, name) for c, name in enumerate(names)] + [(None, LIDAR)]
         for c, name in channels:
@@ -234,10 +238,13 @@ class NuScenesDataset(Dataset):
         scene_rows = sorted(tab["scene"][1].values(), key=lambda r: r.get("name", ""))
         if wanted is not None:
             missing = wanted - {r.get("name") for r in scene_rows}
-            if missing:
-                raise DataError(f"{tab['scene'][0]}: scenes {sorted(missing)} of split {split!r} are not in this "
-                                f"{version} tree")
             scene_rows = [r for r in scene_rows if r.get("name") in wanted]
+            if not scene_rows:
+                raise DataError(f"{tab['scene'][0]}: none of the {len(wanted)} scenes of split {split!r} is in this "
+                                f"{version} tree (e.g. {sorted(missing)[0]})")
+            if missing:
+                log.warning("%s: %d of the %d scenes of split %r are not in this tree: %s", tab["scene"][0],
+                            len(missing), len(wanted), split, ", ".join(sorted(missing)))
         T, C = self.num_frames, len(self.cam_names)
         files, poses, calibs, Ks, lid_files, lid_poses, lid_calibs, times, tokens = [], [], [], [], [], [], [], [], []
         self.skipped = 0
