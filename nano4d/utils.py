@@ -82,8 +82,22 @@ def _source_comments(cls) -> dict:
     return out
 
 
+def _doc_mention(cls, name: str, limit: int = 220) -> str:
+    """The sentence of the class's module docstring that first names ``name`` in double backticks (e.g. the list
+    of official-behaviour flags in a model file), shortened to ``limit`` characters; '' if none."""
+    doc = (sys.modules.get(cls.__module__).__doc__ or "") if cls.__module__ in sys.modules else ""
+    text = " ".join(doc.split())
+    i = min((j for j in (text.find(f"``{name}``"), text.find(f"``{name}=")) if j >= 0), default=-1)
+    if i < 0:
+        return ""
+    start = max(text.rfind(". ", 0, i) + 2, text.rfind(" - ", 0, i) + 3, 0)
+    end = text.find(". ", i)
+    sent = text[start:len(text) if end < 0 else end + 1].replace("``", "")
+    return sent if len(sent) <= limit else sent[:limit - 3].rstrip() + "..."
+
+
 def _help(f: dataclasses.Field, comments: dict, cls) -> str:
-    h = f.metadata.get("help") or comments.get(f.name)
+    h = f.metadata.get("help") or comments.get(f.name) or _doc_mention(cls, f.name)
     return h or f"{cls.__name__}.{f.name} (described in the docstring of {cls.__module__})"
 
 

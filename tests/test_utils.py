@@ -58,6 +58,20 @@ def test_every_flag_has_help(capsys):
         assert text in out, text
 
 
+def test_model_flag_help_from_the_model_docstring(monkeypatch, capsys):
+    import sys
+    import types
+    mod = types.ModuleType("fake_model", "Official flags:\n- ``drop``: dropout on every\n  block. Other text.\n")
+    monkeypatch.setitem(sys.modules, "fake_model", mod)
+    M = dataclasses.make_dataclass("M", [("drop", float, 0.0), ("width", int, 4)])
+    M.__module__ = "fake_model"
+    with pytest.raises(SystemExit):
+        U.parse_config(_Train, M, {"tiny": M()}, argv=["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--model.drop DROP drop: dropout on every block. (default" in out
+    assert "--model.width WIDTH M.width (described in the docstring of fake_model)" in out
+
+
 def test_recipes_apply_and_explicit_flags_win():
     presets = {"tiny": _Model(dim=16), "big": _Model(dim=512, depth=24)}
     recipes = {"paper": {"lr": 0.25, "steps": 99, "preset": "big", "model.drop": 0.1}}
