@@ -84,7 +84,8 @@ class TrainConfig:
                        choices=("auto", "fresh", "weights"), resume_may_change=True)
     tensorboard: bool = flag(False, "also log to run_dir/tb (needs the tensorboard package)", resume_may_change=True)
     recipe: str = flag("default", "named bundle of flag values from RECIPES", resume_may_change=True)
-    infer: str = flag("", "inference: object folder (GObjaverse layout) or .pt {images, c2w, K}", resume_may_change=True)
+    infer: str = flag("", "inference: object folder (GObjaverse layout) or .pt {images, c2w, K}",
+                      resume_may_change=True)
     ckpt: str = flag("", "inference: weights (model.safetensors)", resume_may_change=True)
     infer_views: str = flag("", "inference: comma-separated view ids (default: all)", resume_may_change=True)
     turntable: int = flag(8, "views of the turntable strip next to each .ply", resume_may_change=True)

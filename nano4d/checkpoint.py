@@ -224,18 +224,21 @@ def _dist_on() -> bool:
 
 
 def save_checkpoint(run_dir: str, model: torch.nn.Module, config: dict, optimizer=None, step: int = 0,
-                    extra: dict | None = None, generators: dict | None = None) -> None:
+                    extra: dict | None = None, generators: dict | None = None, rank_extra: dict | None = None) -> None:
     """Write ``run_dir/resume.pt`` (the self-contained checkpoint), then ``run_dir/model.safetensors``.
 
     Call on EVERY rank: each rank's RNG streams (and ``generators``, e.g. a mask generator) are gathered into
-    ``resume.pt``; rank 0 writes. ``extra``: JSON-able script state (data position, stage, metrics). Model and
-    optimizer state must be identical on all ranks (DDP; sync buffers first). Refuses non-finite weights."""
+    ``resume.pt``; rank 0 writes. ``extra``: JSON-able script state (data position, stage, metrics);
+    ``rank_extra``: JSON-able state that differs per rank (e.g. a sharded sampler's position), gathered like the
+    RNG streams. Model and optimizer state must be identical on all ranks (DDP; sync buffers first). Refuses
+    non-finite weights."""
     sd = _cpu_state(model)
     _check_finite(sd, os.path.join(run_dir, RESUME))   # every rank holds the same weights: all refuse together
-    ranks = [rng_state(generators)]
+    mine = {**rng_state(generators), "extra": json.dumps(rank_extra or {}, default=str)}
+    ranks = [mine]
     if _dist_on():
         ranks = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks, rng_state(generators))
+        dist.all_gather_object(ranks, mine)
         if dist.get_rank() != 0:
             return
     state = {"format": FORMAT, "step": int(step), "world_size": len(ranks), "model": sd,
@@ -267,13 +270,15 @@ def read_resume(path: str) -> dict:
 
 @dataclasses.dataclass
 class Resumed:
-    """What ``load_checkpoint`` restored: the next step to run, the script's ``extra`` dict, the stored config,
-    and the stored optimizer state (for scripts that build their optimizer later, e.g. per stage)."""
+    """What ``load_checkpoint`` restored: the next step to run, the script's ``extra`` dict, this rank's
+    ``rank_extra``, the stored config, and the stored optimizer state (for scripts that build their optimizer
+    later, e.g. per stage)."""
     step: int
     extra: dict
     config: dict
     weights_only: bool = False
     optimizer: dict = dataclasses.field(default_factory=dict)
+    rank_extra: dict = dataclasses.field(default_factory=dict)
 
 
 def load_checkpoint(run_dir: str, model: torch.nn.Module, optimizer=None, mode: str = "auto",
@@ -317,8 +322,10 @@ def load_checkpoint(run_dir: str, model: torch.nn.Module, optimizer=None, mode: 
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{rpath}: does not fit this model/optimizer ({e}); rerun with --resume fresh") from e
     rank, world = (dist.get_rank(), dist.get_world_size()) if _dist_on() else (0, 1)
+    rank_extra = {}
     if state["world_size"] == world:
         set_rng_state(state["ranks"][rank], generators)
+        rank_extra = json.loads(state["ranks"][rank].get("extra", "{}"))
     elif rank == 0:
         print(f"WARNING: {rpath} was written by {state['world_size']} process(es), this run has {world}: "
               "RNG streams are not restored (the run continues, but not bit-identically)", flush=True)
@@ -335,7 +342,7 @@ def load_checkpoint(run_dir: str, model: torch.nn.Module, optimizer=None, mode: 
             print(f"note: {wpath} was {stale} (interrupted checkpoint write); rewritten from {rpath} "
                   f"(step {step})", flush=True)
             save_weights(wpath, state["model"], cfg, step=step)
-    return Resumed(step, json.loads(state["extra"]), cfg, optimizer=state["optimizer"])
+    return Resumed(step, json.loads(state["extra"]), cfg, optimizer=state["optimizer"], rank_extra=rank_extra)
 
 
 def _raise_diff(path: str, stored: dict, want: dict | None) -> None:

@@ -35,7 +35,7 @@ sync_buffers(model)
 same = all(torch.equal(*gathered(t.detach())) for t in list(model.parameters()) + list(model.buffers()))
 
 gen = torch.Generator().manual_seed(10 + info.rank)
-save_checkpoint(sys.argv[1], model, {"v": 1}, None, step=5, generators={"g": gen})
+save_checkpoint(sys.argv[1], model, {"v": 1}, None, step=5, generators={"g": gen}, rank_extra={"r": info.rank})
 dist.barrier()                                                                  # rank 0 has written
 
 
@@ -47,7 +47,8 @@ after = streams()
 torch.manual_seed(99), np.random.seed(99), random.seed(99), gen.manual_seed(99)
 res = load_checkpoint(sys.argv[1], model, generators={"g": gen})
 again = streams()
-restored = res.step == 5 and all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(after, again))
+restored = res.step == 5 and res.rank_extra == {"r": info.rank} and all(
+    torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(after, again))
 own = not torch.equal(*gathered(again[0])) and not torch.equal(*gathered(again[3]))  # each rank its own streams
 ok = ok and differ and same and restored and own
 print(f"rank {info.rank}/{info.world_size} backend={dist.get_backend()} sum={x.item()} differ={differ} same={same} "

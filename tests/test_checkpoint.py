@@ -31,13 +31,15 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
     gen = torch.Generator().manual_seed(5)
     gen.manual_seed(5), torch.rand(3, generator=gen)                      # a generator mid-stream
     cfg = {"model": {"dim": 4, "res": [64, 64]}, "train": {"lr": 0.01}}
-    C.save_checkpoint(str(tmp_path), model, cfg, opt, step=17, extra={"pos": 5}, generators={"g": gen})
+    C.save_checkpoint(str(tmp_path), model, cfg, opt, step=17, extra={"pos": 5}, generators={"g": gen},
+                      rank_extra={"sampler": [3, 1]})
     expect = (torch.rand(3), np.random.rand(), random.random(), torch.rand(3, generator=gen))  # streams after save
     model2, opt2 = _model_opt(seed=1)
     gen2 = torch.Generator().manual_seed(99)
     torch.manual_seed(123), np.random.seed(1), random.seed(2)
     res = C.load_checkpoint(str(tmp_path), model2, opt2, expect_config=cfg, generators={"g": gen2})
     assert res.step == 17 and res.extra == {"pos": 5} and res.config == cfg and not res.weights_only
+    assert res.rank_extra == {"sampler": [3, 1]}
     got = (torch.rand(3), np.random.rand(), random.random(), torch.rand(3, generator=gen2))
     assert torch.equal(got[0], expect[0]) and got[1] == expect[1] and got[2] == expect[2]
     assert torch.equal(got[3], expect[3])
