@@ -41,8 +41,10 @@ Differences from the official code (hustvl/MIM4D vs0.1 + the UniPAD render head)
   - render field: ``field="voxel"`` (the default) runs the SDF/feature MLP once per voxel (1x1x1 convs) before
     the fused renderer ``kernels.render_sdf`` (section-form NeuS alpha, no cos term), composites the features
     and shades RGB after compositing (an MLP on the rendered feature + view direction). The official field
-    evaluates the MLPs per sample with the cos term from autograd normals; ``field="official"`` is its port
-    where available (``FIELDS``).
+    evaluates the MLPs per sample with the cos term from autograd normals; ``field="official"`` (``OfficialField``,
+    the ``paper`` preset's field) is its port, differentiating twice through ``kernels.trilinear``. In it, the
+    last sample's spacing repeats the previous one (the official bin runs to the far end of the last stratified
+    bin; the head hands fields sorted sample distances only). No flag.
   - importance sampling: the discrete NeuS weights at a fixed s = 64 from the section-form alpha and a
     deterministic mid-quantile inverse CDF; the official NeuS up-sampler estimates cos from neighbouring samples
     and jitters its PDF samples. No flag.
@@ -110,6 +112,11 @@ class MIM4DConfig:
     field: str = "voxel"                 # render field, a key of FIELDS (section 4)
     field_hidden: int = 32
     render_feat: int = 16                # feature channels rendered next to the SDF (voxel field)
+    # official per-sample field (field="official"): the UniPAD SDF / RGB decoders' sizes
+    sample_hidden: int = 16              # width of both decoders
+    sample_geo: int = 16                 # geometry features output next to the SDF
+    sample_sdf_blocks: int = 5           # SDF decoder: fc_p + 6 linear layers (5 hidden + output)
+    sample_rgb_blocks: int = 3           # RGB decoder: fc_p + 4 linear layers (3 hidden + output)
     rays_per_cam: int = 96
     ray_radius: tuple = (3.0, 50.0)      # picked surface points lie this far from the LiDAR in xy (metres)
     num_uniform: int = 48                # stratified samples per ray
@@ -135,7 +142,7 @@ PRESETS = {
                          frozen_stages=1, fpn_dim=128, depth_bins=64, depth_max=64.0,
                          pc_range=(-51.2, -51.2, -5.0, 51.2, 51.2, 3.0), grid=(128, 128, 5), short_dim=128,
                          long_dim=64, field_hidden=64, render_feat=32, rays_per_cam=2048, num_uniform=72,
-                         num_importance=24),
+                         num_importance=24, field="official"),
 }
 
 INV_S_RANGE = (1e-3, 1e6)                # clamp of the NeuS sharpness exp(10 * variance)
@@ -572,7 +579,100 @@ class VoxelField(nn.Module):
 
 
 FIELDS = {"voxel": VoxelField}
-# The official per-sample field (``field="official"``) registers here: FIELDS["official"] = <its class>.
+
+
+# ----------------------------------------------------------------------------- 4b. the official per-sample field
+
+class SampleDecoder(nn.Module):
+    """UniPAD's decoder pattern: ``x = fc_p(p)``, then for every linear layer l ``x = lin_l(x + fc_c[l](c))``,
+    with ``act`` between layers (not after the last). p (..., 3) positions, c (..., in_dim) conditioning."""
+
+    def __init__(self, in_dim, out_dim, hidden, blocks, act):
+        super().__init__()
+        self.fc_p = nn.Linear(3, hidden)
+        self.fc_c = nn.ModuleList(nn.Linear(in_dim, hidden) for _ in range(blocks + 1))
+        self.lins = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(blocks)] + [nn.Linear(hidden, out_dim)])
+        self.act = act
+
+    def forward(self, p, c):
+        x = self.fc_p(p)
+        for i, (fc, lin) in enumerate(zip(self.fc_c, self.lins)):
+            x = lin(x + fc(c))
+            if i < len(self.lins) - 1:
+                x = self.act(x)
+        return x
+
+
+class OfficialField(nn.Module):
+    """``field="official"``: the UniPAD / MIM4D SDF field, evaluated per sample.
+
+    Positions are LiDAR-frame metres times ``scale = 1 / max|pc_range|`` (the official scene normalization; SDF,
+    sample spacing and normals are in these units). At each sample p the volume's features are fetched by
+    ``kernels.trilinear`` (zero padding, align_corners=True); the SDF decoder (Softplus beta=100) maps
+    (p, features) to the SDF and ``sample_geo`` geometry features; ``n = d sdf / d p`` comes from autograd with
+    ``create_graph=True`` (so training differentiates through the sampler twice); NeuS alpha with the cos term
+    ``cos = -relu(-<d, n>)`` (cos anneal ratio 1): the SDF at the section ends is ``sdf -+ cos * delta / 2``
+    with ``delta_i = t_{i+1} - t_i`` (the last sample reuses the previous spacing: the head gives no bin end),
+    ``alpha = clip((Phi(prev) - Phi(next) + 1e-5) / (Phi(prev) + 1e-5), 0, 1)``, ``Phi = sigmoid(inv_s *)``;
+    weights ``w_i = alpha_i prod_{j<i} (1 - alpha_j + 1e-7)``; colour per sample from the RGB decoder (ReLU,
+    sigmoid) on (p, [view dir, features, n, geometry]) composited with w over a black background. The NeuS math
+    runs in fp32; the decoders follow autocast."""
+
+    def __init__(self, cfg: MIM4DConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.scale = 1.0 / max(abs(v) for v in cfg.pc_range)
+        h, g = cfg.sample_hidden, cfg.sample_geo
+        self.sdf_net = SampleDecoder(cfg.vox_dim, 1 + g, h, cfg.sample_sdf_blocks, nn.Softplus(beta=100))
+        self.rgb_net = SampleDecoder(3 + cfg.vox_dim + 3 + g, 3, h, cfg.sample_rgb_blocks, nn.ReLU())
+
+    def prepare(self, vol):
+        return vol
+
+    def points(self, o, d, t):
+        """Scaled sample positions (B, R*S, 3) for rays o, d (B, R, 3) (metres) at distances t (B, R, S)."""
+        p = o[..., None, :] + t[..., None] * d[..., None, :]
+        return (p * self.scale).flatten(1, 2)
+
+    def sdf_and_features(self, vol, p):
+        """p (B, M, 3) scaled positions -> sdf (B, M), geometry (B, M, geo), volume features (B, M, vox_dim)."""
+        u = metric_to_unit(self.cfg, p.to(torch.promote_types(p.dtype, torch.float32)) / self.scale)
+        feat = kernels.trilinear(vol, u)
+        if not torch.is_autocast_enabled(feat.device.type):     # e.g. a bf16 volume read outside autocast
+            feat = feat.to(self.sdf_net.fc_p.weight.dtype)
+        h = self.sdf_net(p, feat)
+        return h[..., 0], h[..., 1:], feat
+
+    def sdf(self, state, o, d, t):
+        return self.sdf_and_features(state, self.points(o, d, t))[0].reshape(t.shape)
+
+    def render(self, state, o, d, t, inv_s):
+        B, R, S = t.shape
+        train = torch.is_grad_enabled()
+        with torch.enable_grad():                      # normals need autograd, also under no_grad evaluation
+            p = self.points(o, d, t).detach().requires_grad_(True)
+            sdf, geo, feat = self.sdf_and_features(state, p)
+            (n,) = torch.autograd.grad(sdf, p, torch.ones_like(sdf), create_graph=train)
+        dirs = d[..., None, :].expand(B, R, S, 3).reshape(B, R * S, 3)
+        with torch.set_grad_enabled(train):
+            rgb = torch.sigmoid(self.rgb_net(p.detach(), torch.cat([dirs, feat, n, geo], -1)))
+            with _no_autocast(t.device):               # NeuS weights in fp32 (fp64 if the rays are)
+                acc = torch.promote_types(t.dtype, torch.float32)
+                sdf, n, rgb = sdf.to(acc).reshape(B, R, S), n.to(acc).reshape(B, R, S, 3), rgb.to(acc)
+                ts = t.to(acc) * self.scale
+                delta = ts[..., 1:] - ts[..., :-1]
+                delta = torch.cat([delta, delta[..., -1:]], -1)
+                cos = -F.relu(-(d[..., None, :].to(acc) * n).sum(-1))
+                phi_prev = torch.sigmoid((sdf - cos * delta * 0.5) * inv_s)
+                phi_next = torch.sigmoid((sdf + cos * delta * 0.5) * inv_s)
+                alpha = ((phi_prev - phi_next + 1e-5) / (phi_prev + 1e-5)).clamp(0.0, 1.0)
+                trans = torch.cumprod(torch.cat([torch.ones_like(alpha[..., :1]), 1.0 - alpha + 1e-7], -1), -1)
+                w = alpha * trans[..., :-1]
+                rgb = (w[..., None] * rgb.reshape(B, R, S, 3)).sum(-2)
+                return rgb, (w * ts / self.scale).sum(-1), w.sum(-1)
+
+
+FIELDS["official"] = OfficialField
 
 
 def ray_box(o, d):
