@@ -113,6 +113,27 @@ def test_single_process_plumbing(monkeypatch):
     assert isinstance(U.autocast(torch.device("cpu"), "bf16"), torch.autocast)
 
 
+def test_grad_sync_is_a_fresh_no_sync_for_all_but_the_last_micro_step(tmp_path):
+    """Under DDP (a 1-process gloo group here) every non-final micro-step gets its own ``no_sync()`` context; the
+    same idiom runs twice in a row (entering one context object twice was a crash)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ddp = DDP(torch.nn.Linear(3, 1))
+        for _ in range(2):
+            ctxs = []
+            for micro in range(3):
+                ctx = U.grad_sync(ddp, micro, 3)
+                ctxs.append(ctx)
+                with ctx:
+                    ddp(torch.randn(4, 3)).sum().backward()
+                    assert ddp.require_backward_grad_sync == (micro == 2)
+            assert type(ctxs[2]).__name__ == "nullcontext" and ctxs[0] is not ctxs[1]
+    finally:
+        dist.destroy_process_group()
+
+
 def test_lr_schedule():
     lrs = [U.lr_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
