@@ -322,7 +322,10 @@ class ImageEncoder(nn.Module):
         g = int(math.isqrt(grid.shape[1]))
         if (g, g) != (h, w):
             grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2)
-            size = dict(scale_factor=((h + 0.1) / g, (w + 0.1) / g)) if self.cfg.official_pos_interp else dict(size=(h, w))
+            if self.cfg.official_pos_interp:
+                size = dict(scale_factor=((h + 0.1) / g, (w + 0.1) / g))
+            else:
+                size = dict(size=(h, w))
             grid = F.interpolate(grid.float(), mode="bicubic", align_corners=False, **size)
             grid = grid.to(cls.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)
         return torch.cat([cls, grid], 1)
@@ -351,7 +354,9 @@ def _rename(key: str, table: list, reverse: bool = False):
     {n}: one character, {p}: a parameter name); ``reverse`` maps target -> source. None if nothing matches."""
     for src, dst in table:
         src, dst = (dst, src) if reverse else (src, dst)
-        rx = re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{n\}", r"(?P<n>\w)").replace(r"\{p\}", r"(?P<p>\w+)")
+        rx = re.escape(src)
+        for name, group in (("i", r"(?P<i>\d+)"), ("n", r"(?P<n>\w)"), ("p", r"(?P<p>\w+)")):
+            rx = rx.replace(r"\{" + name + r"\}", group)
         if m := re.fullmatch(rx, key):
             return dst.format(**m.groupdict())
     return None
@@ -657,7 +662,8 @@ class ReconNet(nn.Module):
         if not cfg.official_keep_padding:
             opacity = opacity * (seg >= 0)[..., None]
         rgb = rgb.clamp(-0.5, 0.5) + 0.5 if cfg.official_color_clamp else torch.sigmoid(rgb)
-        g = (xyz.float()[:, :, None] + off, F.normalize(rot, dim=-1), cfg.scale_max * torch.sigmoid(scale), opacity, rgb)
+        g = Gaussians(xyz.float()[:, :, None] + off, F.normalize(rot, dim=-1), cfg.scale_max * torch.sigmoid(scale),
+                      opacity, rgb)
         return Gaussians(*(t.flatten(1, 2) for t in g))                               # (B, N*n, .)
 
 
@@ -730,7 +736,7 @@ class GeoLRM(nn.Module):
           stage "proposal": occupancy (B, R, R, R) (Z, Y, X)                -> out: occ_logits, occ_iou
           stage "recon": target_rgb (B, T, 3, H, W) on ``background`` (B, T, 3), target_alpha,
             target_depth (B, T, 1, H, W), target_c2w, target_K; optional anchors (``Anchors``, e.g.
-            ``gt_anchors``), else the frozen proposal's                      -> out: rgb, alpha, depth, gaussians, anchors
+            ``gt_anchors``), else the frozen proposal's          -> out: rgb, alpha, depth, gaussians, anchors
         Non-finite inputs give a non-finite loss (never an exception), and a reconstruction with no
         occupied cell still gives a loss connected to the graph (zero gradient)."""
         stage = stage or self.stage
@@ -823,8 +829,9 @@ class GeoLRM(nn.Module):
         sd = {k: v for k, v in state_dict.items() if not k.startswith(("lpips.", "ssim."))}
         get = lambda k: _need(sd, k).shape  # noqa: E731
         S, L = "serializer.", "lrm_generator."
-        E, p = get(S + "encoder.model.embeddings.cls_token")[-1], get(S + "encoder.model.embeddings.patch_embeddings.projection.weight")[-1]
-        layers = lambda pre: len({m.group(1) for k in sd if (m := re.match(re.escape(pre) + r"(\d+)\.", k))})  # noqa: E731
+        E = get(S + "encoder.model.embeddings.cls_token")[-1]
+        p = get(S + "encoder.model.embeddings.patch_embeddings.projection.weight")[-1]
+        layers = lambda pre: len({k[len(pre):].split(".")[0] for k in sd if k.startswith(pre)})  # noqa: E731
         up = get(S + "upsample.weight")
         u = round(up[0] ** (1 / 3))
         n14 = get(L + "renderer.latent_decoder.0.weight")[0]
@@ -883,9 +890,12 @@ _OFFICIAL_NAMES = [  # one stage of the official checkpoint (prefix stripped) ->
     ("transformer.layers.{i}.cross_attention_norm.weight", "transformer.blocks.{i}.norm2.weight"),
     ("transformer.layers.{i}.ffn_norm.weight", "transformer.blocks.{i}.norm3.weight"),
     ("transformer.layers.{i}.feed_forward.w{n}.weight", "transformer.blocks.{i}.w{n}.weight"),
-    ("transformer.layers.{i}.cross_attention.deformable_attention.sampling_offsets.{p}", "transformer.blocks.{i}.cross.offsets.{p}"),
-    ("transformer.layers.{i}.cross_attention.deformable_attention.attention_weights.{p}", "transformer.blocks.{i}.cross.weights.{p}"),
-    ("transformer.layers.{i}.cross_attention.deformable_attention.value_proj.{p}", "transformer.blocks.{i}.cross.value_proj.{p}"),
+    ("transformer.layers.{i}.cross_attention.deformable_attention.sampling_offsets.{p}",
+     "transformer.blocks.{i}.cross.offsets.{p}"),
+    ("transformer.layers.{i}.cross_attention.deformable_attention.attention_weights.{p}",
+     "transformer.blocks.{i}.cross.weights.{p}"),
+    ("transformer.layers.{i}.cross_attention.deformable_attention.value_proj.{p}",
+     "transformer.blocks.{i}.cross.value_proj.{p}"),
     ("transformer.layers.{i}.cross_attention.output_proj.{p}", "transformer.blocks.{i}.cross.out_proj.{p}"),
     ("transformer.layers.{i}.cross_attention.cross_view_weight.{p}", "transformer.blocks.{i}.cross.view_logit.{p}"),
     ("transformer.norm.weight", "transformer.norm.weight"),
