@@ -727,8 +727,9 @@ class GeoLRM(nn.Module):
         return self._select(logits, max_tokens, generator)
 
     def gt_anchors(self, occ: torch.Tensor, max_tokens: int | None = None, generator=None) -> Anchors:
-        """Anchors from a ground-truth occupancy (B, R, R, R) instead of the proposal network."""
-        return self._select(occ * 2 - 1, max_tokens, generator)
+        """Anchors from the occupied cells (> 0) of a grid (B, R, R, R): a ground-truth occupancy instead of
+        the proposal network, or ``logits > 0`` of a proposal already computed."""
+        return self._select(occ.float(), max_tokens, generator)
 
     def forward(self, batch: dict, stage: str | None = None):
         """The training / evaluation front door -> (loss, out); out["terms"] holds the named loss terms.
