@@ -4,6 +4,7 @@ buffers included) and the NaN stop under a 2-process torchrun."""
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -106,3 +107,96 @@ def test_torchrun_grad_accum_rank_equality_and_nan_stop(tmp_path):
     assert_finite_checkpoint(run, 2)
     assert [r["step"] for r in log_records(run) if r["kind"] == "train"] == [1, 2]
     assert not os.path.exists(os.path.join(run, "metrics.json"))
+
+
+# ----------------------------------------------------------------------------- the released model, the paper recipe, the guard
+
+
+def test_infer_official_checkpoint_is_deterministic_given_the_seed(tmp_path, torch_path):
+    """--infer --official on a synthetic checkpoint in the released layout: .ply (INRIA f_rest) + turntable from a
+    .pt and from a GObjaverse folder; two runs with one --seed write identical bytes, another seed does not."""
+    from nano4d.data.gobjaverse import write_gobjaverse_object
+    from nano4d.data.objects import ProceduralObjects
+    from nano4d.ply import read_ply_raw
+    from tests.test_geolrm import SMALL, official_state_dict
+    torch.save(official_state_dict(), tmp_path / "geolrm.ckpt")
+    ds = ProceduralObjects(1, num_views=3, res=16, seed=9, split="test", occ_res=0, num_surface_points=0)
+    d = ds[0]
+    torch.save({"images": d["images"], "c2w": d["c2w"], "K": d["K"]}, tmp_path / "obj.pt")
+    over = [a for k, v in SMALL.items() for a in ("--model." + k, str(v))]
+    blobs = []
+    for i, seed in enumerate((3, 3, 4)):
+        out = tmp_path / f"inf{i}"
+        g = T.main(["--infer", str(tmp_path / "obj.pt"), "--official", str(tmp_path / "geolrm.ckpt"), "--run_dir",
+                    str(out), "--seed", str(seed), "--turntable", "2", "--res", "16", "--ply_sh_degree", "3"] + over)
+        assert g.means.shape == (SMALL["max_tokens_infer"] * 2, 3)                       # official: padding kept
+        assert os.path.exists(out / "infer_turntable.png")
+        blobs.append(open(out / "infer.ply", "rb").read())
+    assert blobs[0] == blobs[1] and blobs[0] != blobs[2]
+    assert sum(n.startswith("f_rest_") for n in read_ply_raw(str(tmp_path / "inf0" / "infer.ply"))) == 45
+    r = ds._render(0)
+    write_gobjaverse_object(str(tmp_path / "gob"), "obj", torch.cat([r["rgb"], r["alphas"]], 1).permute(0, 2, 3, 1),
+                            r["c2w"], r["K"])
+    T.main(["--infer", str(tmp_path / "gob" / "obj"), "--official", str(tmp_path / "geolrm.ckpt"), "--run_dir",
+            str(tmp_path / "gob_out"), "--turntable", "2", "--res", "16"] + over)
+    assert load_ply(str(tmp_path / "gob_out" / "infer.ply"))["means"].shape[0] > 0
+    with pytest.raises(SystemExit, match="exactly one of --ckpt"):
+        T.main(["--infer", str(tmp_path / "obj.pt"), "--run_dir", str(tmp_path / "x")])
+    (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="bad.ckpt: cannot read it"):
+        T.main(["--infer", str(tmp_path / "obj.pt"), "--official", str(tmp_path / "bad.ckpt"), "--run_dir", str(tmp_path / "x")])
+
+
+def test_paper_recipe_numbers_and_two_cpu_steps(tmp_path, torch_path, capsys):
+    """The recipe matches configs/srl-bf16.yaml and configs/geolrm-train.yaml; with CPU-sized overrides it builds
+    and takes one step per stage, printing each stage's lr and effective batch."""
+    import dataclasses
+    from nano4d import utils as U
+    tc, mc = U.parse_config(T.TrainConfig, GeoLRMConfig, T.PRESETS, argv=["--recipe", "paper"], recipes=T.RECIPES)
+    assert mc == dataclasses.replace(T.PRESETS["paper"], grad_checkpoint=True)
+    assert T.stage_plan(tc, "proposal", 8) == dict(steps=50_000, lr=2e-4, warmup=500, clip=10.0, max_inputs=8,
+                                                  accum=2, batch=16)                   # 2 objects x 8 GPUs
+    assert T.stage_plan(tc, "recon", 32) == dict(steps=100_000, lr=1e-4, warmup=12_000, clip=4.0, max_inputs=7,
+                                                accum=8, batch=256)                    # 1 x 8 accumulation x 32 GPUs
+    assert (tc.res, tc.num_targets, tc.views_per_object, tc.min_inputs, tc.min_lr_ratio, tc.weight_decay) == \
+        (448, 8, 8, 1, 0.001, 0.05)
+    run = str(tmp_path / "paper")
+    m = T.main(["--recipe", "paper", "--preset", "tiny"] + TINY + [
+        "--run_dir", run, "--prop_steps", "1", "--recon_steps", "1", "--prop_objects_per_step", "2",
+        "--recon_objects_per_step", "2", "--num_targets", "2", "--export_ply", "0"])
+    out = capsys.readouterr().out
+    assert "stage proposal: 1 steps, lr 0.0002 (warmup 500, cosine to x0.001), clip 10, 1-8 inputs, " \
+           "effective batch 2 objects = 1 x 2 accumulation x 1 ranks" in out, out
+    assert "stage recon: 1 steps, lr 0.0001 (warmup 12000, cosine to x0.001), clip 4, 1-7 inputs, " \
+           "effective batch 2 objects = 1 x 2 accumulation x 1 ranks" in out, out
+    assert "grad_checkpoint=True" in out and "recipe='paper'" in out
+    assert math.isfinite(m["recon"]["psnr"])
+    assert [r["step"] for r in log_records(run) if r["kind"] == "train"] == [1, 2]
+
+
+def test_huge_lr_and_nan_inputs_stop_at_the_finite_guard(tmp_path, torch_path, monkeypatch, capsys):
+    """A huge lr (finite loss, non-finite gradients or weights a step later) and NaN input pixels (no exception in
+    the losses) both end in the shared guard: exit 1, no update, no non-finite checkpoint."""
+    run = str(tmp_path / "lr")
+    with pytest.raises(SystemExit) as e:
+        T.main(TINY + ["--run_dir", run, "--stage", "proposal", "--prop_steps", "6", "--prop_lr", "1e30",
+                       "--ckpt_every", "0"])
+    assert e.value.code == 1 and "stopping: non-finite loss or gradient norm" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(run, "resume.pt"))
+    real = T.load_objects
+
+    def poisoned(tc, mc, split, *a):
+        objs = real(tc, mc, split, *a)
+        for o in objs if split == "train" else ():
+            o["images"][:, 0, 0, 0] = float("nan")
+        return objs
+
+    monkeypatch.setattr(T, "load_objects", poisoned)
+    for stage in ("proposal", "recon"):
+        run = str(tmp_path / stage)
+        with pytest.raises(SystemExit) as e:
+            T.main(TINY + ["--run_dir", run, "--stage", stage, "--prop_steps", "1", "--recon_steps", "1",
+                           "--anchors", "gt"])
+        out = capsys.readouterr().out
+        assert e.value.code == 1 and re.search(r"non-finite at step 0: .*loss nan", out), (stage, out)
+        assert not os.path.exists(os.path.join(run, "resume.pt"))
