@@ -107,7 +107,7 @@ class GeoLRMConfig:
     prop_dim: int = 384
     prop_depth: int = 6
     prop_heads: int = 16
-    prop_dropout: float = 0.0           # official: 0.1
+    prop_dropout: float = 0.0           # dropout in the proposal blocks (official: 0.1; see the docstring)
     # reconstruction network
     dim: int = 768
     depth: int = 16
