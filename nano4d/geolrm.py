@@ -63,6 +63,8 @@ something else in places; each difference is a config flag, all set by ``from_of
 - ``official_rgb_clamp``: renders are clamped to [0, 1] before the MSE (zero gradient outside).
 - ``official_depth_mask_left``: the edge-aware depth loss keeps a neighbour pair when its left/top pixel is
   in the mask (official); here both pixels must be.
+- ``official_affinity_pooled``: the scene-class affinity terms are computed over the whole batch at once
+  (official); here per object, then averaged.
 - ``official_decay_all``: ``configure_optimizer`` decays every parameter (official AdamW on all parameters).
 Sampling runs in fp32 under autocast (as the official mmcv op).
 
@@ -146,6 +148,7 @@ class GeoLRMConfig:
     official_color_clamp: bool = False
     official_rgb_clamp: bool = False
     official_depth_mask_left: bool = False
+    official_affinity_pooled: bool = False
     official_decay_all: bool = False
 
 
@@ -576,12 +579,15 @@ def _bce_one(s: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return -torch.log(s.clamp(eps, 1 - eps)).mean()
 
 
-def occupancy_loss(logits: torch.Tensor, occ: torch.Tensor) -> dict:
+def occupancy_loss(logits: torch.Tensor, occ: torch.Tensor, pooled: bool = False) -> dict:
     """BCE over all cells + scene-class affinity (MonoScene): BCE of precision, recall and specificity
-    of the soft occupied class against 1, per object. logits, occ (B, R, R, R)."""
+    of the soft occupied class against 1, per object (``pooled``: over the whole batch at once, as the
+    official code). logits, occ (B, R, R, R)."""
     logits, occ = logits.float(), occ.float()
     bce = F.binary_cross_entropy_with_logits(logits, occ)
     p, t = torch.sigmoid(logits).flatten(1), occ.flatten(1)
+    if pooled:
+        p, t = p.reshape(1, -1), t.reshape(1, -1)
     eps = 1e-6
     inter = (p * t).sum(1)
     precision = inter / (p.sum(1) + eps)
@@ -745,7 +751,7 @@ class GeoLRM(nn.Module):
         poison = (images.float().sum() + c2w.float().sum() + K.float().sum()) * 0     # NaN/Inf in -> NaN loss
         if stage == "proposal":
             logits = self.proposal(images, c2w, K)
-            terms = occupancy_loss(logits, batch["occupancy"])
+            terms = occupancy_loss(logits, batch["occupancy"], self.cfg.official_affinity_pooled)
             terms["loss"] = terms["loss"] + poison
             return terms["loss"], {"terms": terms, "occ_logits": logits,
                                    "occ_iou": occupancy_iou(logits, batch["occupancy"]).mean()}

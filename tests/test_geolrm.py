@@ -154,6 +154,15 @@ def test_occupancy_loss_and_iou():
     assert lg["loss"] < 1e-3 < 10 < lb["loss"]
     assert torch.equal(G.occupancy_iou(good, occ), torch.ones(2))
     assert torch.equal(G.occupancy_iou(bad, occ), torch.zeros(2))
+    # official: precision/recall/specificity pooled over the batch (differs when objects differ in size)
+    logits = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+    occ2 = occ.clone()
+    occ2[1, :4] = 1
+    p, t = torch.sigmoid(logits).flatten(), occ2.flatten()
+    prec, rec, spec = (p * t).sum() / p.sum(), (p * t).sum() / t.sum(), ((1 - p) * (1 - t)).sum() / (1 - t).sum()
+    want = -(prec.log() + rec.log() + spec.log())
+    torch.testing.assert_close(G.occupancy_loss(logits, occ2, pooled=True)["affinity"], want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(G.occupancy_loss(logits, occ2)["affinity"], want, rtol=1e-3)
 
 
 def test_view_fusion_ignores_invisible_views(torch_path):
