@@ -3,9 +3,9 @@ import os
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from nano4d.data.sampling import DynamicBatchSampler, ResumableSampler, stream
+from nano4d.data.sampling import DynamicBatchSampler, ResumableSampler, Stream
 
 
 class _Items(Dataset):
@@ -48,15 +48,17 @@ def test_interrupted_and_resumed_iteration_sees_the_same_items(workers):
     15 uninterrupted batches, across an epoch boundary, although workers prefetch ahead."""
     def make():
         s = ResumableSampler(10, shuffle=True, seed=3)
-        return s, stream(DataLoader(_Items(10), batch_size=3, sampler=s, num_workers=workers), s)
+        return s, Stream(_Items(10), s, batch_size=3, num_workers=workers)
     s, it = make()
     ref = _take(iter(it), 15)
     s, it = make()
     first = _take(iter(it), 7)
     state = s.state_dict()
     s2, it2 = make()
-    s2.load_state_dict(state)
+    it2.load_state_dict(state)
+    rng_before = torch.random.get_rng_state()
     assert first + _take(iter(it2), 8) == ref
+    assert torch.equal(torch.random.get_rng_state(), rng_before)          # the global RNG is left alone
     assert {r[2] for b in ref for r in [b[0]]} == {0, 1, 2, 3}              # epochs advance (and reach the dataset)
     assert it.wait_s >= 0 and it.take_wait() >= 0 and it.wait_s == 0
 
@@ -86,7 +88,7 @@ def test_dynamic_batches_replay_and_resume():
 
     def make():
         s = DynamicBatchSampler(40, views=(2, 6), max_images=12, seed=1)
-        return s, stream(DataLoader(_Items(40), batch_sampler=s), s)
+        return s, Stream(_Items(40), s)
     s, it = make()
     ref = _take(iter(it), len(batches) + 3)
     s, it = make()
@@ -100,9 +102,8 @@ def test_dynamic_batches_replay_and_resume():
 
 _RSS_SCRIPT = r"""
 import os, sys, torch
-from torch.utils.data import DataLoader
 from nano4d.data.gobjaverse import GObjaverseDataset
-from nano4d.data.sampling import ResumableSampler, stream
+from nano4d.data.sampling import ResumableSampler, Stream
 def rss_mib():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
@@ -110,7 +111,7 @@ def rss_mib():
 torch.set_num_threads(1)
 ds = GObjaverseDataset(sys.argv[1], num_views=4, res=16)
 s = ResumableSampler(len(ds), seed=0)
-it = iter(stream(DataLoader(ds, batch_size=2, sampler=s), s))
+it = iter(Stream(ds, s, batch_size=2))
 for _ in range(5):
     next(it)
 before = rss_mib()

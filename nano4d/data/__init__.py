@@ -8,7 +8,7 @@ the real formats the papers train on. Import the modules directly; this package 
     sequences   ``ImageSequenceFolder``: folders of unposed image sequences (MuM)
     rig         nuScenes-style rig JSON (``RigDataset``) and LiDAR -> per-camera depth maps
     nuscenes    nuScenes read from its own schema (``NuScenesDataset``) and ``write_nuscenes``
-    sampling    ``ResumableSampler`` / ``DynamicBatchSampler`` (sharded, epoch-seeded, resumable) and ``stream``
+    sampling    ``ResumableSampler`` / ``DynamicBatchSampler`` (sharded, epoch-seeded, resumable) and ``Stream``
     meshes      textured OBJ collections rendered into the GObjaverse layout (``python -m nano4d.data.meshes``)
     preview     preview PNGs of the procedural data (``python -m nano4d.data.preview``)
     bench       items/s of one worker per dataset (``python -m nano4d.data.bench``)

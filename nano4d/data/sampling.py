@@ -12,9 +12,9 @@ and ``max(1, max_images // S)`` sequences, yielded as lists of ``(index, S)`` th
 accepts; the S draws are seeded by (seed, epoch, rank), so the batches of an epoch replay exactly and the
 position is counted in batches.
 
-``stream(loader, sampler)`` yields batches forever (epoch after epoch, calling ``set_epoch`` on the sampler
-and the dataset) and advances the sampler's position only when a batch reaches the caller; ``wait_s`` on the
-returned iterator accumulates the time spent waiting for data.
+``Stream(dataset, sampler, ...)`` wraps the ``DataLoader`` and yields batches forever (epoch after epoch, calling
+``set_epoch`` on the sampler and the dataset); it advances the sampler's position only when a batch reaches the
+caller and accumulates the time spent waiting for data.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 class ResumableSampler(Sampler):
@@ -127,15 +127,27 @@ class DynamicBatchSampler(Sampler):
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-class stream:
-    """Iterate ``loader`` (a DataLoader over ``sampler``) forever, epoch after epoch. The sampler's position
-    advances when a batch is handed out (``loader.batch_size`` items, or one batch for batch samplers), so
-    ``sampler.state_dict()`` taken between two batches resumes exactly after the last one. ``wait_s``: total
+def collate_list(items):
+    """DataLoader ``collate_fn`` that keeps a batch as the list of its items (the training loop assembles it)."""
+    return items
+
+
+class Stream:
+    """Batches of ``dataset`` forever, epoch after epoch, in ``sampler``'s order, read by a ``DataLoader``
+    (``num_workers`` processes, ``pin_memory``, ``collate_fn``; a ``batch_size`` of items per batch, or the
+    batches of a batch sampler such as ``DynamicBatchSampler``). The loader draws its base seed from a dedicated
+    generator, so iterating never touches the global torch RNG (a resumed run keeps its random streams).
+    The sampler's position advances when a batch reaches the caller, so ``state_dict()`` taken between two
+    batches resumes exactly after the last one (``load_state_dict`` before iterating). ``wait_s``: total
     seconds spent waiting for batches; ``take_wait()`` returns and resets it (for the progress line)."""
 
-    def __init__(self, loader, sampler):
-        self.loader, self.sampler, self.wait_s = loader, sampler, 0.0
-        self.step = loader.batch_size if loader.batch_size is not None else 1
+    def __init__(self, dataset, sampler, batch_size: int = 1, num_workers: int = 0, pin_memory: bool = False,
+                 collate_fn=None, seed: int = 0):
+        batched = isinstance(sampler, DynamicBatchSampler)
+        kw = dict(batch_sampler=sampler) if batched else dict(batch_size=batch_size, sampler=sampler)
+        self.loader = DataLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_fn,
+                                 generator=torch.Generator().manual_seed(int(seed)), **kw)
+        self.sampler, self.step, self.wait_s = sampler, 1 if batched else batch_size, 0.0
 
     def __iter__(self):
         while True:
@@ -157,3 +169,9 @@ class stream:
     def take_wait(self) -> float:
         w, self.wait_s = self.wait_s, 0.0
         return w
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
