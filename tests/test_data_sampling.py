@@ -85,6 +85,10 @@ def test_dynamic_batches_replay_and_resume():
         S = bt[0][1]
         assert 2 <= S <= 6 and all(s == S for _, s in bt) and len(bt) <= max(1, 12 // S)
     assert len({bt[0][1] for bt in batches}) > 1 and batches == b.batches(0) and batches != b.batches(1)
+    ranks = [DynamicBatchSampler(40, views=(2, 6), max_images=12, num_replicas=2, rank=r, seed=1) for r in range(2)]
+    r0, r1 = ranks[0].batches(0), ranks[1].batches(0)
+    assert [len(x) for x in r0] == [len(x) for x in r1] and [x[0][1] for x in r0] == [x[0][1] for x in r1]
+    assert not {i for x in r0 for i, _ in x} & {i for x in r1 for i, _ in x}             # disjoint shards
 
     def make():
         s = DynamicBatchSampler(40, views=(2, 6), max_images=12, seed=1)

@@ -9,8 +9,8 @@ resume on a different number of ranks (the items already seen by all ranks are s
 
 ``DynamicBatchSampler`` is MuM's dynamic batching: per batch a view count S uniform in ``views`` = (min, max)
 and ``max(1, max_images // S)`` sequences, yielded as lists of ``(index, S)`` that ``ImageSequenceFolder``
-accepts; the S draws are seeded by (seed, epoch, rank), so the batches of an epoch replay exactly and the
-position is counted in batches.
+accepts; the S draws are seeded by (seed, epoch) and shared by all ranks (equal work per step, and every rank's
+position is the same), so the batches of an epoch replay exactly and the position is counted in batches.
 
 ``Stream(dataset, sampler, ...)`` wraps the ``DataLoader`` and yields batches forever (epoch after epoch, calling
 ``set_epoch`` on the sampler and the dataset); it advances the sampler's position only when a batch reaches the
@@ -92,7 +92,7 @@ class DynamicBatchSampler(Sampler):
 
     def batches(self, epoch: int) -> list[list[tuple[int, int]]]:
         order = self.items.order(epoch)[self.rank::self.items.num_replicas]
-        g = np.random.default_rng([self.seed, int(epoch), self.rank])
+        g = np.random.default_rng([self.seed, int(epoch)])         # the same S sequence on every rank
         out, i = [], 0
         while i < len(order):
             S = int(g.integers(self.views[0], self.views[1] + 1))
