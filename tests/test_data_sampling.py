@@ -60,6 +60,10 @@ def test_interrupted_and_resumed_iteration_sees_the_same_items(workers):
     assert first + _take(iter(it2), 8) == ref
     assert torch.equal(torch.random.get_rng_state(), rng_before)          # the global RNG is left alone
     assert {r[2] for b in ref for r in [b[0]]} == {0, 1, 2, 3}              # epochs advance (and reach the dataset)
+    s3, it3 = make()
+    assert [next(it3).tolist() for _ in range(4)] == ref[:4]                 # next(stream) keeps one iterator
+    it3.load_state_dict(state)
+    assert next(it3).tolist() == ref[7]
     assert it.wait_s >= 0 and it.take_wait() >= 0 and it.wait_s == 0
 
 

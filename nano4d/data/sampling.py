@@ -14,7 +14,7 @@ position is the same), so the batches of an epoch replay exactly and the positio
 
 ``Stream(dataset, sampler, ...)`` wraps the ``DataLoader`` and yields batches forever (epoch after epoch, calling
 ``set_epoch`` on the sampler and the dataset); it advances the sampler's position only when a batch reaches the
-caller and accumulates the time spent waiting for data.
+caller and accumulates the time spent waiting for data; ``next(stream)`` gives the next batch.
 """
 from __future__ import annotations
 
@@ -147,7 +147,13 @@ class Stream:
         kw = dict(batch_sampler=sampler) if batched else dict(batch_size=batch_size, sampler=sampler)
         self.loader = DataLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_fn,
                                  generator=torch.Generator().manual_seed(int(seed)), **kw)
-        self.sampler, self.step, self.wait_s = sampler, 1 if batched else batch_size, 0.0
+        self.sampler, self.step, self.wait_s, self._it = sampler, 1 if batched else batch_size, 0.0, None
+
+    def __next__(self):
+        """The next batch (``next(stream)``; one iterator kept across calls)."""
+        if self._it is None:
+            self._it = iter(self)
+        return next(self._it)
 
     def __iter__(self):
         while True:
@@ -175,3 +181,4 @@ class Stream:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
+        self._it = None                                  # the next batch is read from the loaded position
