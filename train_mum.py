@@ -4,6 +4,8 @@
     torchrun --standalone --nproc_per_node=2 train_mum.py --steps 600
     python train_mum.py --preset base --data /path/to/frames --res 224 --batch_size 128
     python train_mum.py --eval_only true --run_dir runs/mum   # matching eval of a finished run
+    python train_mum.py --recipe paper --data /path/to/sequences    # the paper's run (one GPU: 128 x 32 accum)
+    torchrun --nproc_per_node=8 train_mum.py --recipe paper --grad_accum 4 --data /path/to/sequences
 
 Each step draws V uniformly in [min_views, max_views] and a batch of floor(batch_size / V) sequences
 (dynamic batching, as the official code); each view gets its own RandomResizedCrop(scale 0.2-1) + flip.
@@ -34,7 +36,18 @@ from nano4d.mum_eval import compare, format_table
 from nano4d.utils import flag
 
 # Named bundles of flag values (train fields, "preset", "model.<field>"): --recipe NAME; explicit flags win.
-RECIPES: dict = {}
+RECIPES: dict = {
+    # The official run (davnords/MuM train-dev: mum.yaml over ssl_default_config.yaml, mum/train.py): ViT-L/16
+    # encoder + 768-d x 12-block decoder, 224 px crops, 2-12 views per scene, 128 images per micro-step; the
+    # official 32 GPUs x 128 = 4096 images per step become 32 accumulated micro-steps on one process (with N
+    # processes pass --grad_accum 32/N); lr = 1.5e-4 * 4096 / 256 = 2.4e-3, 500k steps, 25k warmup, cosine to 0,
+    # AdamW (0.9, 0.95) wd 0.05 also on the CLS / mask tokens, trunc-normal init, bf16 autocast, no clipping.
+    "paper": {"preset": "large", "model.official_init": True, "model.decay_tokens": True,
+              "res": 224, "src_res": 256, "min_views": 2, "max_views": 12, "crop_scale_min": 0.2,
+              "batch_size": 128, "grad_accum": 32, "steps": 500_000, "warmup": 25_000, "lr": 0.0, "blr": 1.5e-4,
+              "min_lr_ratio": 0.0, "weight_decay": 0.05, "grad_clip": 0.0, "amp": "bf16",
+              "eval_every": 5000, "ckpt_every": 5000},
+}
 
 
 @dataclass
@@ -58,7 +71,8 @@ class TrainConfig:
     lr: float = flag(0.0, "absolute peak lr; 0 = blr * images per optimizer step (all ranks) / 256")
     blr: float = flag(1.5e-3, "base lr per 256 images, used when --lr is 0 (paper: 1.5e-4)")
     min_lr_ratio: float = flag(0.0, "cosine decays to min_lr_ratio * lr (0 as the official schedule)")
-    weight_decay: float = flag(0.05, "AdamW weight decay (not on norms, biases, tokens)")
+    weight_decay: float = flag(0.05, "AdamW weight decay (not on norms and biases, nor on the CLS / mask tokens "
+                                      "unless --model.decay_tokens true)")
     grad_clip: float = flag(0.0, "gradient-norm clip; 0 = no clipping (official), the norm is still logged")
     crop_scale_min: float = flag(0.2, "RandomResizedCrop: smallest crop area fraction")
     log_every: int = flag(10, "steps per progress line", resume_may_change=True)
@@ -125,7 +139,9 @@ class Views:
 
 
 def random_resized_crop(img, out: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip=True):
-    """torchvision-style RandomResizedCrop + horizontal flip of one image (3, H, W) -> (3, out, out)."""
+    """torchvision's RandomResizedCrop (area fraction ``scale``, log-uniform aspect ``ratio``, 10 tries, then a
+    centred fallback; bicubic, antialiased) + horizontal flip (p = 0.5) of one image (3, H, W) -> (3, out, out),
+    the official per-view augmentation."""
     _, H, W = img.shape
     for _ in range(10):
         area = H * W * random.uniform(*scale)
@@ -134,9 +150,15 @@ def random_resized_crop(img, out: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), f
         if 0 < w <= W and 0 < h <= H:
             i, j = random.randint(0, H - h), random.randint(0, W - w)
             break
-    else:  # fallback: the largest centred crop
-        h, w = H, W
-        i, j = 0, 0
+    else:  # fallback as torchvision: the whole image, cropped to the nearest allowed aspect ratio, centred
+        in_ratio = W / H
+        if in_ratio < ratio[0]:
+            w, h = W, round(W / ratio[0])
+        elif in_ratio > ratio[1]:
+            w, h = round(H * ratio[1]), H
+        else:
+            w, h = W, H
+        i, j = (H - h) // 2, (W - w) // 2
     crop = img[None, :, i:i + h, j:j + w]
     crop = F.interpolate(crop, size=(out, out), mode="bicubic", align_corners=False, antialias=True)[0].clamp(0, 1)
     return crop.flip(-1) if flip and random.random() < 0.5 else crop
@@ -221,6 +243,10 @@ def main(argv=None):
     model = MuM(mc).to(device)
     images_per_step = tc.batch_size * tc.grad_accum * di.world_size
     base_lr = tc.lr or tc.blr * images_per_step / 256
+    U.print0(f"effective batch: {tc.batch_size} images/micro-step x {tc.grad_accum} accumulated x {di.world_size} "
+             f"process(es) = {images_per_step} images/step (at most; floor(batch_size / V) sequences of V views); "
+             "lr = " + (f"{base_lr:.3e} (--lr)" if tc.lr else
+                        f"blr {tc.blr:g} x {images_per_step} / 256 = {base_lr:.3e}"))
     opt = model.configure_optimizer(base_lr, tc.weight_decay)
     try:
         res = load_checkpoint(tc.run_dir, model, opt, tc.resume, generators=None,

@@ -106,3 +106,46 @@ def test_random_resized_crop_shapes_and_range():
     for _ in range(20):
         out = train_mum.random_resized_crop(img, 32)
         assert out.shape == (3, 32, 32) and out.min() >= 0 and out.max() <= 1
+
+
+def test_paper_recipe_resolves_prints_and_runs(tmp_path, torch_path, capsys):
+    """--recipe paper gives the official run's values (effective batch and lr printed); one step runs with the
+    recipe and a shrunken model / batch (the full ViT-L is checked on the meta device)."""
+    import dataclasses
+
+    import torch
+
+    from nano4d import utils as U
+    from nano4d.mum import PRESETS, MuM, MuMConfig
+    tc, mc = U.parse_config(train_mum.TrainConfig, MuMConfig, PRESETS, argv=["--recipe", "paper"],
+                            recipes=train_mum.RECIPES)
+    assert mc == dataclasses.replace(PRESETS["large"], official_init=True, decay_tokens=True)
+    assert (tc.res, tc.min_views, tc.max_views, tc.batch_size, tc.grad_accum) == (224, 2, 12, 128, 32)
+    assert (tc.steps, tc.warmup, tc.blr, tc.lr, tc.min_lr_ratio, tc.grad_clip, tc.amp) == \
+        (500_000, 25_000, 1.5e-4, 0.0, 0.0, 0.0, "bf16")
+    assert tc.blr * tc.batch_size * tc.grad_accum / 256 == pytest.approx(2.4e-3)     # the official lr
+    with torch.device("meta"):
+        n = sum(p.numel() for p in MuM(mc).parameters())
+    assert n == 303_099_904 + 86_434_560                                     # ViT-L/16 + 768-d x 12 decoder
+    pairs = dict(zip(TINY[::2], TINY[1::2]))
+    small = [a for k, v in pairs.items() if k not in ("--src_res", "--res", "--blr", "--warmup", "--batch_size")
+             for a in (k, v)]
+    train_mum.main(["--recipe", "paper", "--run_dir", str(tmp_path / "p"), "--steps", "1", "--grad_accum", "2",
+                    "--batch_size", "4", "--src_res", "40", "--res", "32"] + small)
+    out = capsys.readouterr().out
+    assert "recipe='paper'" in out and "official_init=True" in out and "warmup=25000" in out
+    assert "4 images/micro-step x 2 accumulated x 1 process(es) = 8 images/step" in out
+    assert f"lr = blr 0.00015 x 8 / 256 = {1.5e-4 * 8 / 256:.3e}" in out
+    ev = [r for r in log_records(str(tmp_path / "p")) if r["kind"] == "eval"]
+    assert [r["step"] for r in ev] == [0, 1] and all(r["metrics"]["loss"] > 0 for r in ev)
+
+
+def test_random_resized_crop_fallback_is_torchvisions_centre_crop(monkeypatch):
+    import torch
+    monkeypatch.setattr(train_mum.random, "uniform", lambda a, b: b)          # area 1, ratio 4/3: never fits
+    monkeypatch.setattr(train_mum.random, "random", lambda: 1.0)              # no flip
+    img = torch.arange(10 * 40, dtype=torch.float32).view(1, 10, 40).expand(3, -1, -1) / 400
+    out = train_mum.random_resized_crop(img, 10)                              # W/H = 4 > 4/3: w = round(10 * 4/3) = 13, j = 27 // 2
+    want = torch.nn.functional.interpolate(img[None, :, :, 13:26], size=(10, 10), mode="bicubic",
+                                           align_corners=False, antialias=True)[0].clamp(0, 1)
+    assert torch.allclose(out, want)
