@@ -12,7 +12,8 @@ evaluated on novel views (PSNR/SSIM/LPIPS vs a mean-colour baseline, occupancy I
 model.safetensors, preview.png, metrics.json and held-out .ply files. Both stages go through the model's front
 door ``GeoLRM.forward(batch) -> (loss, out)``.
 ``--data DIR``: a folder of GObjaverse-layout objects (``nano4d.data.gobjaverse.read_gobjaverse_object``); the last
-``num_val`` objects are held out. Without an occupancy.npy the target is binned from the depth maps.
+``num_val`` objects are held out; objects are read per step (``--num_workers``). Occupancy targets: GeoLRM's
+pts.npy under ``--occ_root``, else the object's occupancy.npy, else binned from the depth maps of the views read.
 ``--infer``: one object (GObjaverse folder, or a ``.pt`` of {images (V,3,H,W) in [0,1] on white, c2w (V,4,4)
 OpenCV, K (V,3,3) pixels}) -> run_dir/infer.ply (+ turntable); deterministic given ``--seed``.
 """
@@ -29,12 +30,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import Dataset
 
 from nano4d import utils as U
 from nano4d.cameras import look_at
 from nano4d.checkpoint import CheckpointError, clean_stale_tmp, load_checkpoint, load_weights, save_checkpoint, save_json
-from nano4d.data.gobjaverse import list_objects, occupancy_from_depth, read_gobjaverse_object
+from nano4d.data.gobjaverse import GObjaverseDataset, list_objects, read_gobjaverse_object
 from nano4d.data.objects import ProceduralObjects
+from nano4d.data.sampling import ResumableSampler, Stream, collate_list
 from nano4d.geolrm import PRESETS, GeoLRM, GeoLRMConfig, Gaussians, load_dinov2_hf, render, resize_views
 from nano4d.metrics import load_lpips, psnr, ssim
 from nano4d.ply import save_ply
@@ -62,7 +65,13 @@ class TrainConfig:
     stage: str = flag("all", "proposal: occupancy network; recon: reconstruction network; all: both in turn",
                       choices=("proposal", "recon", "all"))
     data: str = flag("", "GObjaverse-layout folder; '' = procedural objects")
-    num_train: int = flag(96, "training objects (procedural), split over ranks")
+    num_train: int = flag(96, "training objects (procedural, rendered on demand), shuffled and split over ranks "
+                          "each epoch")
+    num_workers: int = flag(0, "DataLoader worker processes per rank (0 = read/render in the training process)")
+    cache_dir: str = flag("", "procedural renders are stored here (GObjaverse layout) and read back; '' = render "
+                          "every time", resume_may_change=True)
+    occ_root: str = flag("", "--data: GeoLRM's occupancy targets <occ_root>/<object>/pts.npy; '' = the object's "
+                         "occupancy.npy, else binned from the depth of the views read")
     num_val: int = flag(8, "held-out objects (the last ones of --data)")
     views_per_object: int = flag(8, "rendered views per training object")
     eval_views: int = flag(12, "views per held-out object: up to 8 inputs + novel views")
@@ -133,44 +142,64 @@ def stage_plan(tc: TrainConfig, stage: str, world: int) -> dict:
 # ----------------------------------------------------------------------------- data
 
 
-def load_objects(tc: TrainConfig, mc: GeoLRMConfig, split: str, n: int, views: int, rank: int, world: int):
-    """This rank's share of the objects: dicts of images (V,3,H,W) on white, alphas, depths, c2w, K, occupancy."""
-    idx = list(range(rank, n, world))
+KEYS = ("images", "alphas", "depths", "c2w", "K", "occupancy")
+
+
+class Objects(Dataset):
+    """Objects as GeoLRM takes them (``KEYS``: images on white at ``res``, alphas, z-depth, c2w, K, occupancy),
+    read or rendered when asked for: the dataset holds only an index."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        it = self.ds[i]
+        if it.get("depths") is None:
+            raise ValueError(f"{it.get('object_id', i)}: GeoLRM training needs depth maps "
+                             "(<view>_depth.npy/.png or _nd.exr)")
+        return {k: it[k] for k in KEYS}
+
+
+def make_objects(tc: TrainConfig, mc: GeoLRMConfig, split: str) -> Objects:
+    """The training ("train") or held-out ("test") objects: the last ``num_val`` objects of ``--data`` are held
+    out; procedural objects come from disjoint seed streams. Training objects give ``views_per_object`` views
+    (GObjaverse: 4 orbit views + random others, as GeoLRM draws them); held-out ones their first ``eval_views``."""
+    views = tc.views_per_object if split == "train" else tc.eval_views
     if tc.data:
-        dirs = [os.path.join(tc.data, d) for d in list_objects(tc.data)]
-        dirs = dirs[:-tc.num_val] if split == "train" else dirs[-tc.num_val:]
-        objs = []
-        for i in range(rank, len(dirs), world):
-            r = read_gobjaverse_object(dirs[i])
-            if r["depths"] is None:
-                raise ValueError(f"{dirs[i]}: GeoLRM training needs depth maps (<view>_depth.npy/.png or _nd.exr)")
-            s = tc.res / r["images"].shape[-1]
-            rs = lambda x: F.interpolate(x, size=(tc.res, tc.res), mode="area")  # noqa: E731
-            K = r["K"].clone()
-            K[:, :2] *= s
-            a = rs(r["alphas"])
-            dep = rs(r["depths"] * (r["alphas"] > 0.5)) / rs((r["alphas"] > 0.5).float()).clamp_min(1e-6)
-            o = dict(images=rs(r["images"] * r["alphas"]) + 1 - a, alphas=a, depths=dep, c2w=r["c2w"], K=K)
-            occ = r.get("occupancy")
-            o["occupancy"] = occ if occ is not None and occ.shape[0] == mc.occ_res else \
-                occupancy_from_depth(r["depths"], r["alphas"], r["c2w"], r["K"], mc.occ_res)
-            objs.append(o)
-        return objs
-    ds = ProceduralObjects(num_objects=n, num_views=views, res=tc.res, seed=tc.seed, split=split,
-                           occ_res=mc.occ_res, occ_mode="surface", num_surface_points=0, background="white")
-    keys = ("images", "alphas", "depths", "c2w", "K", "occupancy")
-    return [{k: v for k, v in ds[i].items() if k in keys} for i in idx]
+        names = list_objects(tc.data)
+        names = names[:-tc.num_val] if split == "train" else names[-tc.num_val:]
+        return Objects(GObjaverseDataset(tc.data, num_views=views, res=tc.res, background="white", seed=tc.seed,
+                                         object_ids=names, random_views=split == "train", occ_res=mc.occ_res,
+                                         occ_root=tc.occ_root or None))
+    n = tc.num_train if split == "train" else tc.num_val
+    return Objects(ProceduralObjects(num_objects=n, num_views=views, res=tc.res, seed=tc.seed, split=split,
+                                     occ_res=mc.occ_res, occ_mode="surface", num_surface_points=0,
+                                     background="white", cache_dir=tc.cache_dir or None))
+
+
+def make_data(tc: TrainConfig, mc: GeoLRMConfig, info):
+    """-> (training Stream: objects read per step in this rank's share of each epoch's shuffle, this rank's
+    held-out objects, kept in memory)."""
+    train = make_objects(tc, mc, "train")
+    stream = Stream(train, ResumableSampler(len(train), info.world_size, info.rank, seed=tc.seed),
+                    batch_size=tc.batch_size, num_workers=tc.num_workers, pin_memory=info.device.type == "cuda",
+                    collate_fn=collate_list, seed=tc.seed)
+    held = make_objects(tc, mc, "test")
+    return stream, [held[i] for i in range(info.rank, len(held), info.world_size)]
 
 
 def make_batch(objs, tc: TrainConfig, max_inputs: int, size: int, device) -> dict:
-    """A front-door batch: random objects, a random number of input views (on white, resized to the encoder's
-    ``size``), targets = some inputs + other views composited on a random background colour."""
+    """A front-door batch from the loader's objects: a random number of input views (on white, resized to the
+    encoder's ``size``), targets = some inputs + other views composited on a random background colour."""
     n_in = random.randint(tc.min_inputs, max_inputs)
     n_tin = min(n_in, tc.num_targets // 2)
     keys = ("images", "c2w", "K", "target_rgb", "target_alpha", "target_depth", "target_c2w", "target_K",
             "background", "occupancy")
     B = {k: [] for k in keys}
-    for o in random.sample(objs, tc.batch_size) if len(objs) >= tc.batch_size else random.choices(objs, k=tc.batch_size):
+    for o in objs:
         perm = torch.randperm(o["images"].shape[0])
         vin, vt = perm[:n_in], torch.cat([perm[:n_tin], perm[n_in:n_in + tc.num_targets - n_tin]])
         bg, a = torch.rand(len(vt), 3), o["alphas"][vt]
@@ -355,7 +384,7 @@ def train_stage(stage, model, tc, plan, data, info, log, offset, resumed, metric
             grp["lr"] = cur
         terms_sum = {}
         for micro in range(plan["accum"]):
-            batch = make_batch(train_objs, tc, plan["max_inputs"], model.cfg.img_size, info.device)
+            batch = make_batch(next(train_objs), tc, plan["max_inputs"], model.cfg.img_size, info.device)
             if stage == "recon" and tc.anchors == "gt":
                 batch["anchors"] = model.gt_anchors(batch["occupancy"])
             with U.grad_sync(ddp, micro, plan["accum"]):
@@ -369,7 +398,8 @@ def train_stage(stage, model, tc, plan, data, info, log, offset, resumed, metric
         terms_mean = U.finite_step(terms_sum, gnorm, gstep, tc.run_dir)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        log.log(gstep, terms_mean, cur, gnorm.item(), items=plan["batch"], stage=stage)
+        log.log(gstep, {**terms_mean, "data_wait_s": train_objs.take_wait()}, cur, gnorm.item(), items=plan["batch"],
+                stage=stage)
         done, last = gstep + 1, s + 1 == plan["steps"]
         if last or (tc.eval_every > 0 and (s + 1) % tc.eval_every == 0):
             U.sync_buffers(model)
@@ -379,7 +409,8 @@ def train_stage(stage, model, tc, plan, data, info, log, offset, resumed, metric
             log.image("preview", os.path.join(tc.run_dir, "preview.png") if stage == "recon" else "", done)
         if last or (tc.ckpt_every > 0 and (s + 1) % tc.ckpt_every == 0):
             U.sync_buffers(model)
-            save_checkpoint(tc.run_dir, model, config, opt, done, extra={"stage": stage, "metrics": metrics})
+            save_checkpoint(tc.run_dir, model, config, opt, done,
+                            extra={"stage": stage, "metrics": metrics, "data": train_objs.state_dict()})
 
 
 def finish(model, tc, eval_objs, metrics, t0):
@@ -413,9 +444,9 @@ def main(argv=None):
                  f"clip {p['clip']:g}, {tc.min_inputs}-{p['max_inputs']} inputs, effective batch {p['batch']} objects "
                  f"= {tc.batch_size} x {p['accum']} accumulation x {info.world_size} ranks")
     t0 = time.time()
-    data = (load_objects(tc, mc, "train", tc.num_train, tc.views_per_object, info.rank, info.world_size),
-            load_objects(tc, mc, "test", tc.num_val, tc.eval_views, info.rank, info.world_size))
-    U.print0(f"data: {tc.num_train} train / {tc.num_val} held-out objects ({tc.data or 'procedural'}) in {time.time() - t0:.0f}s")
+    data = make_data(tc, mc, info)
+    U.print0(f"data: {len(data[0].sampler) * info.world_size} train objects (read per step, {tc.num_workers} workers) / "
+             f"{tc.num_val} held-out ({tc.data or 'procedural'}) in {time.time() - t0:.0f}s")
     model, lpips_fn = build(tc, mc, info.device)
     try:
         resumed = load_checkpoint(tc.run_dir, model, None, tc.resume,
@@ -428,6 +459,8 @@ def main(argv=None):
     if resumed and resumed.step:
         U.print0(f"resumed from {tc.run_dir} at step {resumed.step}")
     metrics = dict(resumed.extra.get("metrics", {})) if resumed else {}
+    if resumed and "data" in resumed.extra:
+        data[0].load_state_dict(resumed.extra["data"])                       # continue mid-epoch
     log = U.ProgressLogger(tc.run_dir, sum(p["steps"] for p in plans.values()), tc.log_every, unit="obj",
                            tensorboard=tc.tensorboard)
     log.truncate(resumed.step if resumed else 0)

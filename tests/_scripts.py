@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-_VOLATILE = {"step_time", "eta_s", "time", "time_s", "train_time_s"}
+_VOLATILE = {"step_time", "eta_s", "time", "time_s", "train_time_s", "data_wait_s"}
 
 
 def kill_between_files(monkeypatch, main, args, step: int):

@@ -77,10 +77,10 @@ def test_gobjaverse_folder_loading_and_depth_occupancy(tmp_path):
         d = ds._render(i)
         rgba = torch.cat([d["rgb"], d["alphas"]], 1).permute(0, 2, 3, 1)
         write_gobjaverse_object(str(tmp_path), f"obj{i}", rgba, d["c2w"], d["K"], depth=d["depths"][:, 0])
-    tc = T.TrainConfig(data=str(tmp_path), num_val=1, res=16)
+    tc = T.TrainConfig(data=str(tmp_path), num_val=1, res=16, views_per_object=4, eval_views=6)
     mc = GeoLRMConfig(img_size=16, patch_size=8, occ_res=16)
-    train, held = T.load_objects(tc, mc, "train", 0, 0, 0, 1), T.load_objects(tc, mc, "test", 0, 0, 0, 1)
-    assert len(train) == 2 and len(held) == 1
+    train, held = T.make_objects(tc, mc, "train"), T.make_objects(tc, mc, "test")
+    assert len(train) == 2 and len(held) == 1 and train[1]["images"].shape == (4, 3, 16, 16)
     o = held[0]
     assert o["images"].shape == (6, 3, 16, 16) and o["occupancy"].shape == (16, 16, 16)
     torch.testing.assert_close(o["K"][0, 0, 0], ds._render(2)["K"][0, 0, 0] * 16 / 24)
@@ -183,15 +183,19 @@ def test_huge_lr_and_nan_inputs_stop_at_the_finite_guard(tmp_path, torch_path, m
                        "--ckpt_every", "0"])
     assert e.value.code == 1 and "stopping: non-finite loss or gradient norm" in capsys.readouterr().out
     assert not os.path.exists(os.path.join(run, "resume.pt"))
-    real = T.load_objects
+    real = T.make_objects
 
-    def poisoned(tc, mc, split, *a):
-        objs = real(tc, mc, split, *a)
-        for o in objs if split == "train" else ():
+    class Poisoned(T.Objects):
+        def __getitem__(self, i):
+            o = super().__getitem__(i)
             o["images"][:, 0, 0, 0] = float("nan")
-        return objs
+            return o
 
-    monkeypatch.setattr(T, "load_objects", poisoned)
+    def poisoned(tc, mc, split):
+        objs = real(tc, mc, split)
+        return Poisoned(objs.ds) if split == "train" else objs
+
+    monkeypatch.setattr(T, "make_objects", poisoned)
     for stage in ("proposal", "recon"):
         run = str(tmp_path / stage)
         with pytest.raises(SystemExit) as e:
@@ -200,3 +204,41 @@ def test_huge_lr_and_nan_inputs_stop_at_the_finite_guard(tmp_path, torch_path, m
         out = capsys.readouterr().out
         assert e.value.code == 1 and re.search(r"non-finite at step 0: .*loss nan", out), (stage, out)
         assert not os.path.exists(os.path.join(run, "resume.pt"))
+
+
+_RSS_RUN = r"""
+import sys, train_geolrm
+train_geolrm.main(sys.argv[1:])
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        print("PEAK_RSS_MIB", int(line.split()[1]) / 1024)
+"""
+
+
+def test_training_memory_does_not_grow_with_the_dataset(tmp_path):
+    """train_geolrm on a GObjaverse-layout folder 10x larger (12 vs 120 objects of 8 views at 48 px) reaches the
+    same peak RSS: objects are read per step, never loaded whole."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from nano4d.data.gobjaverse import write_gobjaverse_object
+    from nano4d.data.objects import orbit_cameras
+    from tests._scripts import ROOT
+    c2w, K = orbit_cameras(8, 48, seed=0)
+    g = torch.Generator().manual_seed(0)
+    peaks = {}
+    for n in (12, 120):
+        for i in range(n):
+            rgba = torch.rand(8, 48, 48, 4, generator=g)
+            write_gobjaverse_object(str(tmp_path / f"d{n}"), f"{i:04d}", rgba, c2w, K,
+                                    depth=1.5 + torch.rand(8, 48, 48, generator=g))
+        env = dict(os.environ, PYTHONPATH=ROOT, NANO4D_FORCE_TRITON="0", OMP_NUM_THREADS="1")
+        r = subprocess.run([sys.executable, "-c", _RSS_RUN, *TINY, "--data", str(tmp_path / f"d{n}"), "--res", "48",
+                            "--views_per_object", "8", "--stage", "proposal", "--prop_steps", "4", "--eval_every", "0",
+                            "--export_ply", "0", "--run_dir", str(tmp_path / f"run{n}")],
+                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+        assert r.returncode == 0, r.stdout + r.stderr
+        peaks[n] = float(r.stdout.split("PEAK_RSS_MIB")[1].split()[0])
+    assert peaks[120] < peaks[12] + 12.0, peaks          # loading them whole would add ~40 MiB
