@@ -42,6 +42,7 @@ from nano4d.geolrm import PRESETS, GeoLRM, GeoLRMConfig, Gaussians, load_dinov2_
 from nano4d.metrics import load_lpips, psnr, ssim
 from nano4d.ply import save_ply
 from nano4d.utils import flag
+from nano4d.view import save_cameras
 
 # Named bundles of flag values (train fields, "preset", "model.<field>"): --recipe NAME; explicit flags win.
 # "paper": the official configs/srl-bf16.yaml (stage 1: lr 2e-4, 500 warmup steps, cosine to 0.001x at 50k,
@@ -254,13 +255,15 @@ def _evaluate(model, objs, tc, stage, lpips_fn, n_inputs, preview):
         if lpips_fn is not None:
             sums[4] += lpips_fn(pred, gt).sum()
             sums[7] += lpips_fn(base, gt).sum()
-        if preview is not None and len(rows) < 6:
-            rows += [x["images"][0, :n_in], pred, gt]
+        if preview is not None and len(rows) < 10:                                # 2 objects x 5 labelled rows
+            d, a = out["depth"][0], out["alpha"][0]
+            rows += [x["images"][0, :n_in], pred, gt, a.clamp(0, 1), U.colorize(torch.where(a > 0.5, d, float("nan")))]
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
     model.train(was)
     if preview is not None and U.is_main() and rows:
-        U.save_image_grid(preview, [upscale(r) for r in rows])
+        U.save_image_grid(preview, [upscale(r) for r in rows],
+                          labels=["inputs", "renders", "targets", "alpha", "depth"] * (len(rows) // 5))
     n, nv = max(sums[1].item(), 1), max(sums[1].item() * T, 1)
     res = {"occ_iou": sums[0].item() / n}
     if stage != "proposal":
@@ -290,9 +293,12 @@ def turntable(g: Gaussians, K, res: int, n: int, distance: float, elevation_deg:
     return out["rgb"][0].clamp(0, 1)
 
 
-def export(g: Gaussians, path: str, K, res: int, n: int, distance: float, sh_degree: int = 0) -> tuple:
-    """``.ply`` + a turntable strip (K: intrinsics at ``res`` pixels)."""
+def export(g: Gaussians, path: str, K, res: int, n: int, distance: float, sh_degree: int = 0, inputs=None) -> tuple:
+    """``.ply`` + a turntable strip (K: intrinsics at ``res`` pixels) + the input views as ``*.cameras.npz`` for
+    ``python -m nano4d.view`` (``inputs``: (images, c2w, K) or None)."""
     m = save_ply(path, *g, sh_degree=sh_degree)
+    if inputs is not None:
+        save_cameras(path[:-len(".ply")] + ".cameras.npz", *inputs)
     strip = U.save_image_grid(path.replace(".ply", "_turntable.png"), [upscale(turntable(g, K, res, n, distance))])
     return m, strip
 
@@ -330,7 +336,8 @@ def infer_main(tc: TrainConfig, mc: GeoLRMConfig, argv) -> Gaussians:
     Kt = K[0].clone()
     Kt[:2] *= tc.res / images.shape[-1]
     path = os.path.join(tc.run_dir, "infer.ply")
-    m, strip = export(g, path, Kt, tc.res, tc.turntable, c2w[:, :3, 3].norm(dim=-1).mean().item(), tc.ply_sh_degree)
+    m, strip = export(g, path, Kt, tc.res, tc.turntable, c2w[:, :3, 3].norm(dim=-1).mean().item(), tc.ply_sh_degree,
+                      inputs=(images, c2w, K))
     print(f"{len(images)} views -> {m} Gaussians: {path}, {strip}")
     U.cleanup_dist()
     return g
@@ -424,7 +431,8 @@ def finish(model, tc, eval_objs, metrics, t0):
             n = tc.eval_inputs
             g = model.reconstruct(o["images"][:n], o["c2w"][:n], o["K"][:n], seed=tc.seed)
             path = os.path.join(tc.run_dir, f"heldout_{i}.ply")
-            m, strip = export(g, path, o["K"][0], tc.res, tc.turntable, o["c2w"][0, :3, 3].norm().item(), tc.ply_sh_degree)
+            m, strip = export(g, path, o["K"][0], tc.res, tc.turntable, o["c2w"][0, :3, 3].norm().item(), tc.ply_sh_degree,
+                              inputs=(o["images"][:n], o["c2w"][:n], o["K"][:n]))
             U.print0(f"held-out object {i}: {m} Gaussians -> {path}, {strip}")
 
 

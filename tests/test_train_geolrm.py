@@ -11,6 +11,7 @@ import torch
 
 from nano4d.geolrm import GeoLRMConfig
 from nano4d.ply import load_ply
+from nano4d.view import load_cameras
 from tests._scripts import (assert_finite_checkpoint, assert_ranks_equal, assert_same_run, kill_between_files,
                             log_records, torchrun)
 
@@ -37,6 +38,7 @@ def test_both_stages_exact_resume_refusals_and_inference(tmp_path, monkeypatch, 
               "heldout_0_turntable.png", "log.jsonl"):
         assert os.path.exists(os.path.join(a, f)), f
     assert load_ply(os.path.join(a, "heldout_0.ply"))["means"].shape[0] > 0
+    assert load_cameras(os.path.join(a, "heldout_0.cameras.npz"))["images"].shape[0] == 2   # the viewer's input views
     # killed inside the checkpoint of step 3 (the first recon step) and resumed: the same run, bit for bit
     kill_between_files(monkeypatch, T.main, args + ["--run_dir", b], step=3)
     m2 = T.main(args + ["--run_dir", b])
