@@ -52,10 +52,12 @@ Differences from the official code (hustvl/MIM4D vs0.1 + the UniPAD render head)
     in a non-finite loss instead of a renderer error. No flag (the clamp only acts far outside training values).
   - normalization: the official ``render_conv`` uses BatchNorm3d; here GroupNorm(4), so every sample's loss is
     independent of the batch. Batch size 1 is hard-coded in the official decoder; everything here takes a batch.
-  - rays: the official picks 2048 projected LiDAR points per camera (with replacement when fewer); here rays go
-    through pixels of a depth map (LiDAR projected by the data pipeline) whose surface point lies in the
-    volume box, 3-50 m from the LiDAR in xy (``ray_radius``), valid pixels first then random; pixels carry no
-    duplicates. GT depth is the Euclidean distance along the ray in both.
+  - rays: the official picks 2048 projected LiDAR points per camera (with replacement when fewer) and shoots
+    each ray through its exact LiDAR point (colour: the pixel it falls in); for a non-key target it projects the
+    *key* frame's LiDAR into that frame's images. Here rays go through pixel centres of the target frame's own
+    depth map (LiDAR projected by the data pipeline) whose surface point lies in the volume box, 3-50 m from the
+    LiDAR in xy (``ray_radius``), valid pixels first then random, without duplicates. GT depth is the Euclidean
+    distance along the ray in both. No flag (a data-pipeline choice).
   - weight decay: the official (mmcv) decays every parameter; ``configure_optimizer`` skips norms, biases,
     1-D parameters, queries and embeddings unless ``official_decay_all=True``.
   - EMA: the issue's recipe (decay 0.999 ramped by 1 - exp(-t/2000), BEVDepth's ``ModelEMA``) is ``EMA``'s
@@ -957,11 +959,12 @@ class MIM4D(nn.Module):
         return torch.optim.AdamW(list(groups.values()), lr=lr, betas=betas, fused=fused, **kw)
 
     @classmethod
-    def from_checkpoint(cls, path: str, map_location="cpu") -> "MIM4D":
+    def from_checkpoint(cls, path: str, map_location="cpu", ema: bool = False) -> "MIM4D":
         """Rebuild a model from ``RUN_DIR`` or ``RUN_DIR/model.safetensors`` (weights + the ``config`` metadata,
-        tuple fields restored as tuples)."""
+        tuple fields restored as tuples). ``ema``: a run directory's EMA weights (``RUN_DIR/ema.safetensors``,
+        written by the training script in the same format)."""
         if os.path.isdir(path):
-            path = os.path.join(path, "model.safetensors")
+            path = os.path.join(path, "ema.safetensors" if ema else "model.safetensors")
         tensors, meta = read_safetensors(path)
         try:
             model_cfg = json.loads(meta["config"])["model"]
