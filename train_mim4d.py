@@ -2,7 +2,13 @@
 
     python train_mim4d.py                                     # tiny preset, procedural driving scenes
     torchrun --standalone --nproc_per_node=2 train_mim4d.py   # the same on 2 processes (gloo on CPU)
-    python train_mim4d.py --data path/to/rigs --preset paper  # nuScenes-style rig JSON files
+    python train_mim4d.py --data path/to/rigs --recipe paper  # nuScenes-style rig JSON files, the vs0.1 recipe
+
+``--recipe paper`` is the official vs0.1 pretraining recipe: the paper preset (ConvNeXt-B, 128x128x5 volume),
+AdamW lr 4e-4 (backbone x0.1), weight decay 0.01, gradient clip 35, 500 warmup steps from lr/3 then cosine to
+1e-3 lr, 12 epochs, bf16 autocast, EMA of the weights (decay 0.999 ramped by 1 - exp(-t/2000)) saved as
+``ema.safetensors`` (``MIM4D.from_checkpoint(run_dir, ema=True)``). ``--backbone_init`` loads ImageNet ConvNeXt
+weights (facebookresearch or timm layout) or the image backbone of a released MIM4D checkpoint at step 0.
 
 Every step: T frames x 6 cameras per sample, 30 % of each image's 32-px patches masked, per-frame voxel
 volumes, a dropped frame's volume predicted from the others, and both the predicted and the directly
@@ -12,24 +18,32 @@ nearest other frame's volume warped by ego-motion only.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nano4d import utils as U
-from nano4d.checkpoint import CheckpointError, clean_stale_tmp, load_checkpoint, save_checkpoint, save_json
+from nano4d.checkpoint import (CheckpointError, atomic_write, clean_stale_tmp, load_checkpoint, save_checkpoint,
+                               save_json)
 from nano4d.data.driving import ProceduralDriving
 from nano4d.data.rig import RigDataset, lidar_to_depths
 from nano4d.metrics import psnr
-from nano4d.mim4d import MIM4D, PRESETS, MIM4DConfig, sample_rays
+from nano4d.mim4d import EMA, MIM4D, PRESETS, MIM4DConfig, read_safetensors, sample_rays
 from nano4d.utils import flag
 
 # Named bundles of flag values (train fields, "preset", "model.<field>"): --recipe NAME; explicit flags win.
-RECIPES: dict = {}
+RECIPES: dict = {
+    # hustvl/MIM4D projects/configs/MIM4D/uvtr_convnext_s_vs0.1_pretrain.py (8 GPUs x 1 sample: --batch_size 1
+    # under an 8-process torchrun reproduces its batch of 8)
+    "paper": {"preset": "paper", "lr": 4e-4, "backbone_lr_mult": 0.1, "weight_decay": 0.01, "grad_clip": 35.0,
+              "warmup": 500, "warmup_from": 1 / 3, "min_lr_ratio": 1e-3, "epochs": 12.0, "amp": "bf16",
+              "ema_decay": 0.999, "ema_ramp": 2000.0},
+}
 
 
 @dataclass
@@ -41,12 +55,18 @@ class TrainConfig:
     num_val: int = flag(4, "held-out procedural scenes (split 'val')")
     batch_size: int = flag(1, "samples per rank per micro-step")
     grad_accum: int = flag(1, "micro-steps per optimizer step (gradients all-reduced once, at the last)")
-    steps: int = flag(400, "optimizer steps")
+    steps: int = flag(400, "optimizer steps (ignored when --epochs > 0)")
+    epochs: float = flag(0.0, "if > 0: train this many passes over the training samples (sets the step count)")
     lr: float = flag(4e-4, "peak lr")
     backbone_lr_mult: float = flag(0.1, "lr multiplier of the image backbone")
     min_lr_ratio: float = flag(1e-3, "cosine decays to min_lr_ratio * lr")
     weight_decay: float = flag(0.01, "AdamW weight decay")
     warmup: int = flag(40, "linear lr warmup steps")
+    warmup_from: float = flag(0.0, "the warmup starts at warmup_from * lr (the official recipe: 1/3)")
+    ema_decay: float = flag(0.0, "EMA of the weights with this decay (0 = off), saved as run_dir/ema.safetensors")
+    ema_ramp: float = flag(2000.0, "EMA decay ramp: decay * (1 - exp(-t / ema_ramp)) after t updates (0 = none)")
+    backbone_init: str = flag("", "at step 0, load ImageNet ConvNeXt weights (facebookresearch or timm layout) "
+                              "or a released MIM4D checkpoint's image backbone + FPN (.pth / .safetensors)")
     grad_clip: float = flag(35.0, "gradient-norm clip")
     log_every: int = flag(10, "steps per progress line", resume_may_change=True)
     eval_every: int = flag(100, "steps per held-out eval + preview; 0 = only at the start and the end",
@@ -112,30 +132,93 @@ def evaluate(model, val, device, run_dir=None, step=0):
                     for k, v in vals.items():
                         acc.setdefault(k, []).append(v)
             if run_dir and i < 2:                                               # preview: front camera, newest frame
-                preview.append(render_preview(model, b, tgt=b["images"].shape[1] - 1))
+                preview.extend(render_preview(model, b))
     if run_dir and preview and U.is_main():
         U.save_image_grid(os.path.join(run_dir, f"preview_{step:06d}.png"), preview)
     model.train()
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
-def render_preview(model, b, tgt, cam=0):
-    """target image | RGB rendered from the predicted volume | rendered depth | GT depth (one camera, half size)."""
+_VIRIDIS = torch.tensor([[0.267, 0.005, 0.329], [0.230, 0.322, 0.546], [0.128, 0.567, 0.551],
+                         [0.370, 0.789, 0.383], [0.993, 0.906, 0.144]])
+
+
+def depth_colors(z, zmax):
+    """z-depth (H, W) -> (3, H, W) viridis colours over [0, zmax] (near dark, far yellow); no depth (<= 0) black."""
+    x = (z / zmax).clamp(0, 1) * (len(_VIRIDIS) - 1)
+    i = x.floor().long().clamp(max=len(_VIRIDIS) - 2)
+    f = (x - i)[..., None]
+    cmap = _VIRIDIS.to(z.device)
+    return ((cmap[i] * (1 - f) + cmap[i + 1] * f) * (z > 0)[..., None]).permute(2, 0, 1)
+
+
+@torch.no_grad()
+def render_preview(model, b, cam=0):
+    """Two preview rows for one sample, the newest frame's camera ``cam`` at full rig resolution, one ray per pixel
+    through the front door (eval mode): target image | RGB from the predicted volume | RGB from the warp-only
+    baseline, and GT z-depth | predicted z-depth | baseline z-depth (viridis over 0 .. the box half-size)."""
+    T, N = b["images"].shape[1:3]
     H, W = b["images"].shape[-2:]
-    h, w = H // 2, W // 2
-    K = b["K"][:, cam:cam + 1].clone()
-    K[:, :, :2] /= 2
-    gt = F.interpolate(b["depths"][0, tgt, cam][None], size=(h, w), mode="nearest")   # (1, 1, h, w)
-    rays = sample_rays(model.cfg, gt[None], K, b["cam2ego"][:, cam:cam + 1], b["lidar2ego"])
-    img = F.interpolate(b["images"][0, tgt, cam][None], size=(h, w), mode="area")[0]
+    tgt = T - 1
+    rays = sample_rays(model.cfg, b["depths"][:, tgt, cam:cam + 1], b["K"][:, cam:cam + 1],
+                       b["cam2ego"][:, cam:cam + 1], b["lidar2ego"])
+    rays = rays._replace(pixels=rays.pixels + cam * H * W)                     # index into all N cameras
     _, out = model(dict(b, targets=[tgt], rays=[rays]))
-    ren = out["renders"]["pred"][0]
-    v, u = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
-    d_cam = torch.stack([u, v, torch.ones_like(u)], -1).reshape(-1, 3).to(K) @ torch.linalg.inv(K[0, 0]).T
-    depth = (ren.depth[0] / d_cam.norm(dim=-1)).reshape(1, h, w)               # ray distance -> z-depth
-    dmax = max(abs(v) for v in model.cfg.pc_range)                             # depth shown in [0, box half-size]
-    return torch.stack([img, ren.rgb[0].reshape(h, w, 3).permute(2, 0, 1), (depth / dmax).clamp(0, 1).expand(3, -1, -1),
-                        (gt[0] / dmax).clamp(0, 1).expand(3, -1, -1)]).cpu()
+    pred, warp = out["renders"]["pred"][0], out["renders"]["warp"][0]
+    v, u = torch.meshgrid(torch.arange(H, device=rays.dirs.device) + 0.5,
+                          torch.arange(W, device=rays.dirs.device) + 0.5, indexing="ij")
+    pix = torch.stack([u, v, torch.ones_like(u)], -1).reshape(-1, 3)
+    ray_len = (pix @ torch.linalg.inv(b["K"][0, cam].float()).T).norm(dim=-1)  # ray distance per unit z-depth
+    zmax = max(abs(x) for x in model.cfg.pc_range)
+    zs = [b["depths"][0, tgt, cam, 0].float()] + [(r.depth[0] / ray_len).reshape(H, W) for r in (pred, warp)]
+    rgb = [b["images"][0, tgt, cam].float()] + [r.rgb[0].reshape(H, W, 3).permute(2, 0, 1) for r in (pred, warp)]
+    return [torch.stack(rgb).cpu(), torch.stack([depth_colors(z, zmax) for z in zs]).cpu()]
+
+
+# ----------------------------------------------------------------------------- EMA beside the checkpoint
+# ema.safetensors holds the averaged weights (config metadata like model.safetensors, plus the EMA state).
+# Written in step with the checkpoint: ema.next.safetensors first, then the checkpoint, then renamed over
+# ema.safetensors, so after a kill at any point one of the two files matches resume.pt's step.
+
+def save_ema(run_dir, ema, config, step):
+    from safetensors.torch import save
+    meta = {"config": json.dumps({**config, "step": step}, default=str),
+            "ema": json.dumps({"decay": ema.decay, "ramp": ema.ramp, "updates": ema.updates, "step": step})}
+    nxt = os.path.join(run_dir, "ema.next.safetensors")
+    atomic_write(nxt, save({k: v.contiguous() for k, v in ema.shadow.items()}, metadata=meta))
+    return nxt
+
+
+def load_ema(run_dir, ema, step) -> bool:
+    """Restore the EMA saved with checkpoint ``step``; False if neither EMA file matches it."""
+    for name in ("ema.next.safetensors", "ema.safetensors"):
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path):
+            shadow, meta = read_safetensors(path)
+            state = json.loads(meta.get("ema", "{}"))
+            if state.get("step") == step:
+                ema.load_state_dict({**state, "shadow": shadow})
+                return True
+    return False
+
+
+def init_backbone(model, path):
+    """--backbone_init: a MIM4D pretrain checkpoint (img_backbone.* keys) or ImageNet ConvNeXt weights."""
+    sd = read_safetensors(path)[0] if path.endswith(".safetensors") else torch.load(path, map_location="cpu",
+                                                                                    weights_only=True)
+    sd = sd.get("state_dict", sd.get("model", sd)) if isinstance(sd, dict) else sd
+    if any(k.startswith("img_backbone.") for k in sd):
+        model.load_official_backbone(sd)
+    else:
+        model.load_imagenet_convnext(sd)
+
+
+def lr_at(tc, step, steps):
+    """Linear warmup from ``warmup_from`` x lr, then cosine to ``min_lr_ratio`` x lr."""
+    lr = U.lr_at(step, steps, tc.lr, tc.warmup, tc.min_lr_ratio)
+    if tc.warmup_from > 0 and step < tc.warmup:
+        lr = tc.lr * (tc.warmup_from + (1 - tc.warmup_from) * (step + 1) / tc.warmup)
+    return lr
 
 
 def run_eval(model, val, device, run_dir, step, log):
@@ -166,6 +249,11 @@ def main(argv=None):
     val = make_data(tc, mc, "val", 0, 1)
     U.print0(f"data: {len(train)} train samples/rank, {len(val)} held-out ({time.time() - t0:.0f} s to render)")
 
+    steps = tc.steps
+    if tc.epochs > 0:
+        per_step = tc.batch_size * tc.grad_accum                            # samples of this rank's share per step
+        steps = max(1, math.ceil(tc.epochs * len(train) / per_step))
+        U.print0(f"{tc.epochs:g} epochs of {len(train)} samples/rank -> {steps} steps")
     model = MIM4D(mc).to(device)
     opt = model.configure_optimizer(tc.lr, tc.weight_decay, backbone_lr_mult=tc.backbone_lr_mult)
     torch.manual_seed(tc.seed + 100 * dist.rank)                               # masks, targets, rays
@@ -175,21 +263,30 @@ def main(argv=None):
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
     start, extra = (res.step, res.extra) if res else (0, {})
+    if start == 0 and tc.backbone_init and (res is None or tc.resume == "fresh"):
+        init_backbone(model, tc.backbone_init)
+        U.print0(f"backbone initialized from {tc.backbone_init}")
     U.broadcast_state(model)                                                   # all ranks start identical
+    ema = EMA(model, tc.ema_decay, tc.ema_ramp) if tc.ema_decay > 0 else None
+    if ema is not None and start:
+        if load_ema(tc.run_dir, ema, start):
+            U.print0(f"EMA restored ({ema.updates} updates)")
+        else:
+            U.print0(f"warning: no EMA saved with step {start}; the EMA restarts from the current weights")
     if U.is_main():
         save_json(os.path.join(tc.run_dir, "config.json"), config)
     if start:
         U.print0(f"resumed from step {start}")
     ddp = DDP(model) if dist.ddp else model
     n_params = sum(p.numel() for p in model.parameters())
-    U.print0(f"MIM4D {n_params / 1e6:.2f}M params | {tc.steps} steps | world {dist.world_size} | device {device}")
-    log = U.ProgressLogger(tc.run_dir, tc.steps, tc.log_every, unit="sample", tensorboard=tc.tensorboard)
+    U.print0(f"MIM4D {n_params / 1e6:.2f}M params | {steps} steps | world {dist.world_size} | device {device}")
+    log = U.ProgressLogger(tc.run_dir, steps, tc.log_every, unit="sample", tensorboard=tc.tensorboard)
     log.truncate(start)
     if start == 0:
         run_eval(model, val, device, tc.run_dir, 0, log)
     pos = int(extra.get("pos", 0))
-    for step in range(start, tc.steps):
-        lr = U.lr_at(step, tc.steps, tc.lr, tc.warmup, tc.min_lr_ratio)
+    for step in range(start, steps):
+        lr = lr_at(tc, step, steps)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
         terms_sum = {}
@@ -208,15 +305,20 @@ def main(argv=None):
         terms_mean = U.finite_step(terms_sum, gnorm, step, tc.run_dir)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model)
         log.log(step, terms_mean, lr, gnorm.item(), items=tc.batch_size * tc.grad_accum * dist.world_size)
-        done, last = step + 1, step + 1 == tc.steps
+        done, last = step + 1, step + 1 == steps
         if last or (tc.eval_every > 0 and done % tc.eval_every == 0):
             ev = run_eval(model, val, device, tc.run_dir, done, log)
             if last and U.is_main():
                 save_json(os.path.join(tc.run_dir, "metrics.json"), {"step": done, "val": ev})
         if last or (tc.ckpt_every > 0 and done % tc.ckpt_every == 0):
             U.sync_buffers(model)
+            nxt = save_ema(tc.run_dir, ema, config, done) if ema is not None and U.is_main() else None
             save_checkpoint(tc.run_dir, model, config, opt, done, extra={"pos": pos})
+            if nxt:
+                os.replace(nxt, os.path.join(tc.run_dir, "ema.safetensors"))
     U.print0(f"done in {time.time() - t0:.0f} s; weights, resume state, log.jsonl and previews in {tc.run_dir}")
     U.cleanup_dist()
 

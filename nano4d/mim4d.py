@@ -829,7 +829,14 @@ class MIM4D(nn.Module):
         K_ = K[:, None].expand(B, T, N, 3, 3).reshape(B * T, N, 3, 3)
         c_ = cam2ego[:, None].expand(B, T, N, 4, 4).reshape(B * T, N, 4, 4)
         l_ = lidar2ego[:, None].expand(B, T, 4, 4).reshape(B * T, 4, 4)
-        vol = self.to_vox(lift_to_voxels(self.cfg, maps, probs, K_, c_, l_, hw))
+        lifted = lift_to_voxels(self.cfg, maps, probs, K_, c_, l_, hw)
+        if lifted.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # oneDNN's bf16 3x3x3 Conv3d returns a NaN weight gradient for depth-2 volumes (torch 2.13, CPU):
+            # this conv runs in fp32 under CPU autocast
+            with torch.autocast("cpu", enabled=False):
+                vol = self.to_vox(lifted.float())
+        else:
+            vol = self.to_vox(lifted)
         return vol.reshape(B, T, *vol.shape[1:])
 
     # -- 3. dropped-frame prediction (model frame order: 0 = newest)

@@ -307,8 +307,9 @@ def test_forward_through_triton_kernels(monkeypatch):
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_training_step_under_bf16_autocast():
-    cfg = small_cfg()
+@pytest.mark.parametrize("z", [2, 3])
+def test_training_step_under_bf16_autocast(z):
+    cfg = small_cfg(grid=(9, 9, z))                              # z = 2 hits a oneDNN bf16 Conv3d bug (worked around)
     torch.manual_seed(0)
     model = M.MIM4D(cfg).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):

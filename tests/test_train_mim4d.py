@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from tests._scripts import (assert_finite_checkpoint, assert_ranks_equal, assert_same_run, kill_between_files,
                             log_records, torchrun)
@@ -26,7 +27,7 @@ def test_exact_resume_and_refusals(tmp_path, monkeypatch, torch_path, capsys):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     args = TINY + ["--steps", "3", "--ckpt_every", "1", "--eval_every", "2"]
     train_mim4d.main(args + ["--run_dir", a])
-    kill_between_files(monkeypatch, train_mim4d.main, args + ["--run_dir", b], step=2)
+    kill_between_files(monkeypatch, train_mim4d.main, args + ["--run_dir", b], step=1)
     train_mim4d.main(args + ["--run_dir", b])
     assert "resumed from step 2" in capsys.readouterr().out
     assert_same_run(a, b)
@@ -58,3 +59,40 @@ def test_torchrun_grad_accum_rank_equality_and_nan_stop(tmp_path):
     assert_ranks_equal(str(tmp_path), [1, 2])
     assert_finite_checkpoint(run, 2)
     assert [r["step"] for r in log_records(run) if r["kind"] == "train"] == [1, 2]
+
+
+def test_paper_recipe_two_steps_with_ema_exact_resume(tmp_path, monkeypatch, torch_path, capsys):
+    """--recipe paper resolves to the official vs0.1 recipe and trains (sizes overridden to fit a CPU test);
+    the EMA saved beside the checkpoint survives a kill between the checkpoint files bit for bit."""
+    from nano4d.mim4d import MIM4D, read_safetensors
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    args = ["--recipe", "paper", "--epochs", "0", "--steps", "2", "--ckpt_every", "1", "--eval_every", "0",
+            "--model.depth_bins", "8", "--model.frozen_stages", "0"] + TINY
+    train_mim4d.main(args + ["--run_dir", a])
+    out = capsys.readouterr().out
+    for want in ("lr=0.0004", "backbone_lr_mult=0.1", "weight_decay=0.01", "grad_clip=35.0", "warmup=1",
+                 "warmup_from=0.333", "min_lr_ratio=0.001", "amp='bf16'", "ema_decay=0.999", "ema_ramp=2000.0",
+                 "drop_path=0.2", "pc_range=(-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)", "recipe='paper'"):
+        assert want in out, want
+    cfg = json.load(open(os.path.join(a, "config.json")))
+    assert cfg["train"]["epochs"] == 0 and cfg["model"]["dims"] == [8, 16, 16, 16]
+    assert [r["step"] for r in log_records(a) if r["kind"] == "train"] == [1, 2]
+    ema_model = MIM4D.from_checkpoint(a, ema=True)
+    raw = MIM4D.from_checkpoint(a)
+    assert ema_model.cfg == raw.cfg
+    diff = [k for k, v in raw.state_dict().items() if not torch.equal(v, ema_model.state_dict()[k])]
+    assert diff                                                  # the averaged weights are not the raw ones
+    kill_between_files(monkeypatch, train_mim4d.main, args + ["--run_dir", b], step=1)
+    train_mim4d.main(args + ["--run_dir", b])
+    assert "EMA restored" in capsys.readouterr().out
+    assert_same_run(a, b)
+    (ea, ma), (eb, mb) = (read_safetensors(os.path.join(d, "ema.safetensors")) for d in (a, b))
+    assert ma["ema"] == mb["ema"] and all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert not os.path.exists(os.path.join(b, "ema.next.safetensors"))
+
+
+def test_paper_recipe_lr_schedule():
+    tc = train_mim4d.TrainConfig(lr=4e-4, warmup=500, warmup_from=1 / 3, min_lr_ratio=1e-3)
+    assert train_mim4d.lr_at(tc, 0, 10000) == pytest.approx(4e-4 * (1 / 3 + 2 / 3 / 500))
+    assert train_mim4d.lr_at(tc, 499, 10000) == pytest.approx(4e-4)
+    assert train_mim4d.lr_at(tc, 9999, 10000) == pytest.approx(4e-7, rel=1e-2)
