@@ -1,6 +1,10 @@
-"""Small shared pieces of the kernel-op pattern: dispatch, input validation, block sizes.
+"""Small shared pieces of the kernel-op pattern: dispatch, launching, accumulation dtype, validation,
+block sizes.
 
-Every public op in ``kernels/`` follows the same shape (see README / docs/kernels.md):
+Every kernel file ``kernels/<op>.py`` has the same skeleton: module docstring (math, layouts, dtypes,
+limits), ``@triton.jit`` kernels (pointer arguments named ``<name>_ptr``), the pure-torch ``<op>_ref``,
+launchers that call :func:`launch`, the registered ops ``nano4d::<op>`` / ``nano4d::<op>_backward``, and
+the public op:
 
     def op(x, ...):
         if use_triton(x):             # CUDA tensor, or NANO4D_FORCE_TRITON=1 on CPU
@@ -13,8 +17,11 @@ This module must never import ``nano4d``.
 from __future__ import annotations
 
 import os
+import threading
 
+import numpy as np
 import torch
+import triton.language as tl
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -35,6 +42,61 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if any(t.is_cuda for t in tensors if isinstance(t, torch.Tensor)):
         return True
     return force_triton()
+
+
+def tracing() -> bool:
+    """True while torch.compile / export traces the caller: value checks that need a host sync are
+    skipped then (the traced graph must not read tensor values on the host)."""
+    return torch.compiler.is_compiling()
+
+
+def acc_dtype(*xs) -> torch.dtype:
+    """The accumulation dtype of a kernel over these tensors / dtypes: fp64 if any is fp64, else fp32."""
+    return torch.float64 if any(getattr(x, "dtype", x) == torch.float64 for x in xs) else torch.float32
+
+
+def tl_dtype(dt: torch.dtype):
+    """Triton dtype of a torch float dtype (for ``ACC`` / compute-dtype constexprs)."""
+    return {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16,
+            torch.bfloat16: tl.bfloat16}[dt]
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """Launch ``kernel[grid](*args, **kwargs)`` the way every op in this package does.
+
+    On CUDA it enters the device of the first CUDA tensor argument (tensors on ``cuda:1`` while
+    ``cuda:0`` is current launch on ``cuda:1``). FMA contraction is requested explicitly
+    (``TRITON_DEFAULT_FP_FUSION=1`` unless the user set it: Triton 3.10 turns it off by default, and the
+    kernels' accuracy and speed were measured with it on). Under the CPU interpreter the kernel runs in
+    a fresh thread with numpy's floating-point warnings off: (1) overflow to inf is the intended limit in
+    several kernels (e.g. sigmoid of very negative x) and numpy would warn on every op; (2) CPython 3.11
+    frees and re-maps a 16 KB frame-stack chunk on every call made right at a chunk boundary, and deep
+    callers (pytest + hypothesis) put the interpreter's per-op calls there; a new thread starts with an
+    empty frame stack.
+    """
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    dev = next((a.device for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"), None)
+    if dev is not None:
+        with torch.cuda.device(dev):
+            kernel[grid](*args, **kwargs)
+        return
+    if not interpreting():
+        kernel[grid](*args, **kwargs)
+        return
+    err = []
+
+    def target():
+        try:
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+                kernel[grid](*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            err.append(e)
+
+    th = threading.Thread(target=target, name="nano4d-triton-interpreter")
+    th.start()
+    th.join()
+    if err:
+        raise err[0]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -93,12 +155,3 @@ def check_index_range(name: str, n: int, limit: int = 2**31 - 1) -> int:
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (1 for n <= 1)."""
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
-def pick_block(n: int, lo: int = 16, hi: int = 128) -> int:
-    """A power-of-two block covering ``n`` clamped to [lo, hi]; under the interpreter the largest
-    block is preferred (each program costs ~0.4 ms there, so fewer, bigger programs win)."""
-    b = next_pow2(max(int(n), 1))
-    if interpreting():
-        b = max(b, lo)
-    return max(lo, min(hi, b))

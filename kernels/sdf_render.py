@@ -40,16 +40,15 @@ Limits: C - 1 <= 256 feature channels; every tensor below 2^31 elements.
 """
 from __future__ import annotations
 
-import threading
+import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._common import (FLOAT_DTYPES, check_index_range, check_same_device, check_tensor, interpreting,
-                             use_triton)
+from kernels._common import (FLOAT_DTYPES, acc_dtype, check_index_range, check_same_device, check_tensor,
+                             interpreting, launch, tl_dtype, tracing, use_triton)
 
 EPS_ALPHA = 1e-5      # NeuS' epsilon in the alpha formula
 T_STOP = 1e-4         # early-stop transmittance threshold
@@ -58,10 +57,11 @@ MAX_FEATURES = 256
 
 
 # ============================================================================ Triton kernels
-# Volume layout inside the kernels: the SDF as its own (B, Z, Y, X) plane and the features channels-last
-# (B, Z, Y, X, NF), so one voxel corner is one contiguous, aligned feature row (vector loads / atomics).
-# Offsets are in voxels: lin = ((b * Z + z) * Y + y) * X + x; sdf at lin, feature c at lin * NF + c.
-# Features are processed in chunks of BLOCK_F channels: the forward grid has one program per (ray block,
+# The kernels read the caller's (B, C, Z, Y, X) volume in place through its strides (no copy per call):
+# a corner's offset is b * stride_b + z * stride_z + y * stride_y + x * stride_x, the SDF is channel 0 and
+# feature c sits at + (1 + c) * stride_c. Channels-last storage (stride_c == 1, torch.channels_last_3d)
+# makes a corner's features one contiguous row: coalesced loads and atomics. The volume gradient is
+# accumulated with atomics into a buffer with the same strides. Features are processed in chunks of BLOCK_F channels: the forward grid has one program per (ray block,
 # chunk) (the alpha pass is redone per chunk; one chunk for C <= 33), the backward loops over chunks.
 
 @triton.jit
@@ -81,12 +81,12 @@ def _axis(p, n, stride, CDT: tl.constexpr):
 
 
 @triton.jit
-def _sample_fwd(sdf_ptr, fv_ptr, vb, px, py, pz, X, Y, Z, NF, offs_f, mask_r, mask_f,
+def _sample_fwd(sdf_ptr, fv_ptr, vb, px, py, pz, X, Y, Z, sx, sy, sz, sc, offs_f, mask_r, mask_f,
                 CDT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
     """Trilinear SDF (BLOCK_R,) and one feature chunk (BLOCK_R, BLOCK_F) at p."""
-    ox0, ox1, vx0, vx1, wx0, wx1, _sx = _axis(px, X, 1, CDT)
-    oy0, oy1, vy0, vy1, wy0, wy1, _sy = _axis(py, Y, X, CDT)
-    oz0, oz1, vz0, vz1, wz0, wz1, _sz = _axis(pz, Z, X * Y, CDT)
+    ox0, ox1, vx0, vx1, wx0, wx1, _sx = _axis(px, X, sx, CDT)
+    oy0, oy1, vy0, vy1, wy0, wy1, _sy = _axis(py, Y, sy, CDT)
+    oz0, oz1, vz0, vz1, wz0, wz1, _sz = _axis(pz, Z, sz, CDT)
     sdf = tl.zeros([BLOCK_R], dtype=CDT)
     feat = tl.zeros([BLOCK_R, BLOCK_F], dtype=CDT)
     for c in tl.static_range(8):
@@ -94,7 +94,7 @@ def _sample_fwd(sdf_ptr, fv_ptr, vb, px, py, pz, X, Y, Z, NF, offs_f, mask_r, ma
         off = vb + (ox1 if c & 1 else ox0) + (oy1 if c & 2 else oy0) + (oz1 if c & 4 else oz0)
         w = (wx1 if c & 1 else wx0) * (wy1 if c & 2 else wy0) * (wz1 if c & 4 else wz0)
         v0 = tl.load(sdf_ptr + off, mask=ok, other=0.0).to(CDT)
-        fv = tl.load(fv_ptr + off[:, None] * NF + offs_f[None, :], mask=ok[:, None] & mask_f[None, :],
+        fv = tl.load(fv_ptr + off[:, None] + offs_f[None, :] * sc, mask=ok[:, None] & mask_f[None, :],
                      other=0.0).to(CDT)
         sdf += w * v0
         feat += w[:, None] * fv
@@ -102,12 +102,12 @@ def _sample_fwd(sdf_ptr, fv_ptr, vb, px, py, pz, X, Y, Z, NF, offs_f, mask_r, ma
 
 
 @triton.jit
-def _sample_bwd(sdf_ptr, fv_ptr, vb, px, py, pz, gf_ptr, offs_r, X, Y, Z, NF, mask_r,
+def _sample_bwd(sdf_ptr, fv_ptr, vb, px, py, pz, gf_ptr, offs_r, X, Y, Z, str_x, str_y, str_z, sc, NF, mask_r,
                 CDT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
     """Per ray: sdf, e = <g_feat, f>, d sdf / dp (3) and d e / dp (3), p in normalized units."""
-    ox0, ox1, vx0, vx1, wx0, wx1, sx = _axis(px, X, 1, CDT)
-    oy0, oy1, vy0, vy1, wy0, wy1, sy = _axis(py, Y, X, CDT)
-    oz0, oz1, vz0, vz1, wz0, wz1, sz = _axis(pz, Z, X * Y, CDT)
+    ox0, ox1, vx0, vx1, wx0, wx1, sx = _axis(px, X, str_x, CDT)
+    oy0, oy1, vy0, vy1, wy0, wy1, sy = _axis(py, Y, str_y, CDT)
+    oz0, oz1, vz0, vz1, wz0, wz1, sz = _axis(pz, Z, str_z, CDT)
     # values at the 8 corners, combined as v = sum w_c v_c; the derivative along x is the same sum
     # with wx0 -> -1, wx1 -> +1 (likewise y, z); accumulated as bilinear faces to save multiplies
     v = tl.zeros([BLOCK_R], dtype=CDT)
@@ -141,7 +141,7 @@ def _sample_bwd(sdf_ptr, fv_ptr, vb, px, py, pz, gf_ptr, offs_r, X, Y, Z, NF, ma
         for c in tl.static_range(8):
             ok = mask_r & (vx1 if c & 1 else vx0) & (vy1 if c & 2 else vy0) & (vz1 if c & 4 else vz0)
             off = vb + (ox1 if c & 1 else ox0) + (oy1 if c & 2 else oy0) + (oz1 if c & 4 else oz0)
-            fv = tl.load(fv_ptr + off[:, None] * NF + offs_f[None, :], mask=ok[:, None] & mask_f[None, :],
+            fv = tl.load(fv_ptr + off[:, None] + offs_f[None, :] * sc, mask=ok[:, None] & mask_f[None, :],
                          other=0.0).to(CDT)
             dot = tl.sum(fv * gfeat, axis=1)
             wx = wx1 if c & 1 else wx0
@@ -159,13 +159,13 @@ def _sample_bwd(sdf_ptr, fv_ptr, vb, px, py, pz, gf_ptr, offs_r, X, Y, Z, NF, ma
 
 
 @triton.jit
-def _scatter_bwd(gsdf_ptr, gfv_ptr, vb, px, py, pz, gsdf, cf, gf_ptr, offs_r, X, Y, Z, NF, mask_r,
+def _scatter_bwd(gsdf_ptr, gfv_ptr, vb, px, py, pz, gsdf, cf, gf_ptr, offs_r, X, Y, Z, sx, sy, sz, sc, NF, mask_r,
                  CDT: tl.constexpr, BLOCK_F: tl.constexpr):
     """grad[corners] += trilinear weight * (gsdf, cf * g_feat): fp32/fp64 atomics, relaxed ordering (pure
     accumulation; the default acq_rel adds a fence per atomic)."""
-    ox0, ox1, vx0, vx1, wx0, wx1, _sx = _axis(px, X, 1, CDT)
-    oy0, oy1, vy0, vy1, wy0, wy1, _sy = _axis(py, Y, X, CDT)
-    oz0, oz1, vz0, vz1, wz0, wz1, _sz = _axis(pz, Z, X * Y, CDT)
+    ox0, ox1, vx0, vx1, wx0, wx1, _sx = _axis(px, X, sx, CDT)
+    oy0, oy1, vy0, vy1, wy0, wy1, _sy = _axis(py, Y, sy, CDT)
+    oz0, oz1, vz0, vz1, wz0, wz1, _sz = _axis(pz, Z, sz, CDT)
     for c in tl.static_range(8):
         ok = mask_r & (vx1 if c & 1 else vx0) & (vy1 if c & 2 else vy0) & (vz1 if c & 4 else vz0)
         off = vb + (ox1 if c & 1 else ox0) + (oy1 if c & 2 else oy0) + (oz1 if c & 4 else oz0)
@@ -180,15 +180,16 @@ def _scatter_bwd(gsdf_ptr, gfv_ptr, vb, px, py, pz, gsdf, cf, gf_ptr, offs_r, X,
             ok = mask_r & (vx1 if c & 1 else vx0) & (vy1 if c & 2 else vy0) & (vz1 if c & 4 else vz0)
             off = vb + (ox1 if c & 1 else ox0) + (oy1 if c & 2 else oy0) + (oz1 if c & 4 else oz0)
             w = (wx1 if c & 1 else wx0) * (wy1 if c & 2 else wy0) * (wz1 if c & 4 else wz0)
-            tl.atomic_add(gfv_ptr + off[:, None] * NF + offs_f[None, :], (w * cf)[:, None] * gfeat,
+            tl.atomic_add(gfv_ptr + off[:, None] + offs_f[None, :] * sc, (w * cf)[:, None] * gfeat,
                           mask=ok[:, None] & mask_f[None, :], sem="relaxed")
 
 
 @triton.jit
 def _sdf_render_fwd_kernel(
-        sdf_ptr, fv_ptr, o_ptr, d_ptr, t_ptr, s_ptr,
+        vol_ptr, o_ptr, d_ptr, t_ptr, s_ptr,
         feat_ptr, depth_ptr, opac_ptr, nsec_ptr, tlast_ptr,
         NR, R, S, X, Y, Z, NF,
+        stride_vb, stride_vc, stride_vz, stride_vy, stride_vx,
         stride_ob, stride_or, stride_oc,
         stride_db, stride_dr, stride_dc,
         stride_tb, stride_tr, stride_ts,
@@ -201,7 +202,9 @@ def _sdf_render_fwd_kernel(
     rr = offs_r - b * R
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     mask_f = offs_f < NF
-    vb = b * (Z * Y * X)
+    vb = b * stride_vb
+    sdf_ptr = vol_ptr
+    fv_ptr = vol_ptr + stride_vc          # channel 1: the first feature
     s = tl.load(s_ptr).to(CDT)
     op = o_ptr + b * stride_ob + rr * stride_or
     dp = d_ptr + b * stride_db + rr * stride_dr
@@ -229,7 +232,7 @@ def _sdf_render_fwd_kernel(
         # point k; for k >= 1 also section k - 1 (points k - 1, k)
         t_cur = tl.load(tp + k * stride_ts, mask=active, other=0.0).to(CDT)
         sdf_cur, f_cur = _sample_fwd(sdf_ptr, fv_ptr, vb, ox + t_cur * dx, oy + t_cur * dy, oz + t_cur * dz,
-                                     X, Y, Z, NF, offs_f, active, mask_f,
+                                     X, Y, Z, stride_vx, stride_vy, stride_vz, stride_vc, offs_f, active, mask_f,
                                      CDT, BLOCK_R, BLOCK_F)
         phi_cur = tl.sigmoid(s * sdf_cur)
         sec = active & ((nsec * 0 + k) > 0)
@@ -260,10 +263,11 @@ def _sdf_render_fwd_kernel(
 
 @triton.jit
 def _sdf_render_bwd_kernel(
-        sdf_ptr, fv_ptr, o_ptr, d_ptr, t_ptr, s_ptr, nsec_ptr, tlast_ptr,
+        vol_ptr, o_ptr, d_ptr, t_ptr, s_ptr, nsec_ptr, tlast_ptr,
         gfeat_ptr, gdepth_ptr, gopac_ptr,
-        gsdf_ptr, gfv_ptr, go_ptr, gd_ptr, gt_ptr, gs_ptr,
+        gvol_ptr, go_ptr, gd_ptr, gt_ptr, gs_ptr,
         NR, R, S, X, Y, Z, NF,
+        stride_vb, stride_vc, stride_vz, stride_vy, stride_vx,
         stride_ob, stride_or, stride_oc,
         stride_db, stride_dr, stride_dc,
         stride_tb, stride_tr, stride_ts,
@@ -273,7 +277,11 @@ def _sdf_render_bwd_kernel(
     mask_r = offs_r < NR
     b = offs_r // R
     rr = offs_r - b * R
-    vb = b * (Z * Y * X)
+    vb = b * stride_vb
+    sdf_ptr = vol_ptr
+    fv_ptr = vol_ptr + stride_vc
+    gsdf_ptr = gvol_ptr                   # the gradient has the volume's strides
+    gfv_ptr = gvol_ptr + stride_vc
     s = tl.load(s_ptr).to(CDT)
     op = o_ptr + b * stride_ob + rr * stride_or
     dp = d_ptr + b * stride_db + rr * stride_dr
@@ -322,8 +330,8 @@ def _sdf_render_bwd_kernel(
         sec = mask_r & (jv >= 0) & (jv < nsec)
         t_j = tl.load(tp + tl.maximum(j, 0) * stride_ts, mask=pm, other=0.0).to(CDT)
         sdf_j, e_j, dsx_j, dsy_j, dsz_j, dex_j, dey_j, dez_j = _sample_bwd(
-            sdf_ptr, fv_ptr, vb, ox + t_j * dx, oy + t_j * dy, oz + t_j * dz, gfeat_ptr, offs_r, X, Y, Z, NF,
-            pm, CDT, BLOCK_R, BLOCK_F)
+            sdf_ptr, fv_ptr, vb, ox + t_j * dx, oy + t_j * dy, oz + t_j * dz, gfeat_ptr, offs_r, X, Y, Z,
+            stride_vx, stride_vy, stride_vz, stride_vc, NF, pm, CDT, BLOCK_R, BLOCK_F)
         phi_j = tl.sigmoid(s * sdf_j)
         raw = (phi_j - phi_nx + 1e-5) / (phi_j + 1e-5)
         alpha = tl.where(raw < 0.0, 0.0, tl.where(raw > 1.0, 1.0, raw))
@@ -348,7 +356,7 @@ def _sdf_render_bwd_kernel(
         # finish point j + 1
         pm_nx = mask_r & (j + 1 <= nsec)
         _scatter_bwd(gsdf_ptr, gfv_ptr, vb, ox + t_nx * dx, oy + t_nx * dy, oz + t_nx * dz, gsdf_nx, c_nx,
-                     gfeat_ptr, offs_r, X, Y, Z, NF,
+                     gfeat_ptr, offs_r, X, Y, Z, stride_vx, stride_vy, stride_vz, stride_vc, NF,
                      pm_nx & ((gsdf_nx != 0.0) | (c_nx != 0.0)), CDT, BLOCK_F)
         gpx = gsdf_nx * dsx_nx + c_nx * dex_nx
         gpy = gsdf_nx * dsy_nx + c_nx * dey_nx
@@ -409,6 +417,8 @@ def _check_inputs(volume, origins, dirs, t_vals, inv_s):
         raise ValueError(f"t_vals: needs S >= 2 samples per ray (one section), got S = {t_vals.shape[2]}")
     for name, t in (("volume", volume), ("t_vals", t_vals), ("origins", origins)):
         check_index_range(name, t.numel())
+    check_index_range("volume (largest strided offset)", sum((n - 1) * abs(st) for n, st in
+                                                             zip(volume.shape, volume.stride())) + 1)
     check_index_range("features", B * R * max(C, 3))
     return B, C, R, t_vals.shape[2]
 
@@ -431,7 +441,7 @@ def render_sdf_ref(volume: torch.Tensor, origins: torch.Tensor, dirs: torch.Tens
     o, d, t = origins.to(dt), dirs.to(dt), t_vals.to(dt)
     pts = o[:, :, None, :] + t[..., None] * d[:, :, None, :]                      # (B, R, S, 3)
     lim = COORD_LIM
-    pts = torch.where(pts.abs() <= lim, pts, torch.where(pts > lim, lim, -lim))   # NaN -> -lim
+    pts = torch.where(pts.abs() <= lim, pts, torch.where(pts > lim, lim, -lim).to(dt))   # NaN -> -lim
     vals = F.grid_sample(volume.to(dt), pts.reshape(B, R, S, 1, 3), mode="bilinear", padding_mode="zeros",
                          align_corners=True)                                      # (B, C, R, S, 1)
     vals = vals[..., 0].permute(0, 2, 3, 1)                                      # (B, R, S, C)
@@ -475,7 +485,7 @@ def sdf_gradient_ref(volume_sdf: torch.Tensor, points: torch.Tensor, create_grap
     vol = volume_sdf.to(dt)[:, 0].reshape(B, -1)                                  # (B, Z*Y*X)
     lim = COORD_LIM
     p = points.to(dt)
-    p = torch.where(p.abs() <= lim, p, torch.where(p > lim, lim, -lim))
+    p = torch.where(p.abs() <= lim, p, torch.where(p > lim, lim, -lim).to(dt))
     sizes = (X, Y, Z)
     idx, frac, scale = [], [], []
     for a in range(3):
@@ -504,14 +514,6 @@ def sdf_gradient_ref(volume_sdf: torch.Tensor, points: torch.Tensor, create_grap
 
 # ============================================================================ launchers
 
-def _compute_dtype(out_dt):
-    return torch.float64 if out_dt == torch.float64 else torch.float32
-
-
-def _tl_dtype(dt):
-    return tl.float64 if dt == torch.float64 else tl.float32
-
-
 BLOCK_F = 32   # feature chunk: MIM4D's 32 features are one chunk
 
 
@@ -522,49 +524,26 @@ def _pick_blocks(gpu: bool | None = None):
     return (32 if gpu else 128), BLOCK_F, 4
 
 
-def _launch(kernel, grid, *args, **kwargs):
-    """Launch a kernel. Under the CPU interpreter it runs in a fresh thread with numpy's floating-point
-    warnings off: (1) sigmoid(x) = 1 / (1 + exp(-x)) overflows exp to inf for very negative x (the right
-    limit, 0) and numpy would warn on every op; (2) CPython 3.11 frees and re-maps a 16 KB frame-stack chunk
-    on every call made right at a chunk boundary, and deep callers (pytest + hypothesis) put the
-    interpreter's per-op calls there: half of the CPU time went to mmap/munmap. A new thread starts
-    with an empty frame stack. On the GPU this is a plain launch."""
-    if not interpreting():
-        kernel[grid](*args, **kwargs)
-        return
-    err = []
-
-    def target():
-        try:
-            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                kernel[grid](*args, **kwargs)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            err.append(e)
-
-    th = threading.Thread(target=target, name="nano4d-sdf-render-interpreter")
-    th.start()
-    th.join()
-    if err:
-        raise err[0]
-
-
-def _prep(volume, origins, dirs, t_vals, inv_s):
-    B, C, R, S = _check_inputs(volume, origins, dirs, t_vals, inv_s)
-    out_dt = _out_dtype(volume, origins, dirs, t_vals)
-    sdf = volume[:, 0].contiguous()                               # (B, Z, Y, X)
-    if C > 1:
-        fv = volume[:, 1:].permute(0, 2, 3, 4, 1).contiguous()    # (B, Z, Y, X, C-1): aligned feature rows
-    else:
-        fv = sdf.new_zeros(1)                                     # never read (NF = 0)
-    return B, C, R, S, out_dt, sdf, fv, inv_s.reshape(1).contiguous()
+def _volume(volume):
+    """The volume as the kernels read it: in place whatever its strides (channels-last
+    ``torch.channels_last_3d`` puts a voxel's features side by side, the fast layout), copied only when
+    it is not dense (overlapping / gapped views), so that its gradient can share its strides."""
+    expected = 1
+    for st, n in sorted((st, n) for n, st in zip(volume.shape, volume.stride()) if n != 1):
+        if st != expected:
+            return volume.contiguous()
+        expected *= n
+    return volume
 
 
 def _render_sdf_fwd(volume, origins, dirs, t_vals, inv_s):
-    B, C, R, S, out_dt, sdf, fv, s = _prep(volume, origins, dirs, t_vals, inv_s)
-    Z, Y, X = volume.shape[2:]
+    B, C, R, S = _check_inputs(volume, origins, dirs, t_vals, inv_s)
+    out_dt = _out_dtype(volume, origins, dirs, t_vals)
+    vol = _volume(volume)
+    Z, Y, X = vol.shape[2:]
     nf = C - 1
-    cdt = _compute_dtype(out_dt)
-    dev = volume.device
+    cdt = acc_dtype(out_dt)
+    dev = vol.device
     feat = torch.empty(B, R, max(nf, 1), dtype=out_dt, device=dev)
     depth = torch.empty(B, R, dtype=out_dt, device=dev)
     opac = torch.empty(B, R, dtype=out_dt, device=dev)
@@ -573,44 +552,51 @@ def _render_sdf_fwd(volume, origins, dirs, t_vals, inv_s):
     nr = B * R
     if nr > 0:
         BR, BF, nw = _pick_blocks()
-        _launch(_sdf_render_fwd_kernel, (triton.cdiv(nr, BR), max(1, triton.cdiv(nf, BF))),
-            sdf, fv, origins, dirs, t_vals, s, feat, depth, opac, nsec, tlast,
-            nr, R, S, X, Y, Z, nf,
-            origins.stride(0), origins.stride(1), origins.stride(2),
-            dirs.stride(0), dirs.stride(1), dirs.stride(2),
-            t_vals.stride(0), t_vals.stride(1), t_vals.stride(2),
-            BLOCK_R=BR, BLOCK_F=BF, CDT=_tl_dtype(cdt), num_warps=nw)
+        launch(_sdf_render_fwd_kernel, (triton.cdiv(nr, BR), max(1, triton.cdiv(nf, BF))),
+               vol, origins, dirs, t_vals, inv_s.reshape(1), feat, depth, opac, nsec, tlast,
+               nr, R, S, X, Y, Z, nf,
+               *vol.stride(),
+               origins.stride(0), origins.stride(1), origins.stride(2),
+               dirs.stride(0), dirs.stride(1), dirs.stride(2),
+               t_vals.stride(0), t_vals.stride(1), t_vals.stride(2),
+               BLOCK_R=BR, BLOCK_F=BF, CDT=tl_dtype(cdt), num_warps=nw)
     return feat[..., :nf], depth, opac, nsec, tlast
 
 
+def _grad_volume_like(volume, dtype):
+    """Zeros with the strides ``_volume(volume)`` has (what the fake kernel promises too)."""
+    return torch.zeros_like(_volume(volume), dtype=dtype, memory_format=torch.preserve_format)
+
+
 def _render_sdf_bwd(g_feat, g_depth, g_opac, volume, origins, dirs, t_vals, inv_s, nsec, tlast):
-    B, C, R, S, out_dt, sdf, fv, s = _prep(volume, origins, dirs, t_vals, inv_s)
-    Z, Y, X = volume.shape[2:]
+    B, C, R, S = _check_inputs(volume, origins, dirs, t_vals, inv_s)
+    out_dt = _out_dtype(volume, origins, dirs, t_vals)
+    vol = _volume(volume)
+    Z, Y, X = vol.shape[2:]
     nf = C - 1
-    cdt = _compute_dtype(out_dt)
-    dev = volume.device
-    g_sdf = torch.zeros(B, Z, Y, X, dtype=cdt, device=dev)           # fp32 atomics targets (fp64 for fp64)
-    g_fv = torch.zeros(B, Z, Y, X, max(nf, 1), dtype=cdt, device=dev)
+    cdt = acc_dtype(out_dt)
+    dev = vol.device
+    g_vol = _grad_volume_like(vol, cdt)                      # fp32 atomics target (fp64 for fp64)
     g_o = torch.empty(B, R, 3, dtype=cdt, device=dev)
     g_d = torch.empty(B, R, 3, dtype=cdt, device=dev)
     g_t = torch.zeros(B, R, S, dtype=cdt, device=dev)
-    g_s = torch.zeros(B, R, dtype=cdt, device=dev)
+    g_s = torch.empty(B, R, dtype=cdt, device=dev)
     nr = B * R
     if nr > 0:
         g_feat = g_feat.contiguous() if nf > 0 else torch.zeros(B, R, 1, dtype=cdt, device=dev)
         BR, BF, nw = _pick_blocks()
-        _launch(_sdf_render_bwd_kernel, (triton.cdiv(nr, BR),),
-            sdf, fv, origins, dirs, t_vals, s, nsec.contiguous(), tlast.contiguous(),
-            g_feat, g_depth.contiguous(), g_opac.contiguous(),
-            g_sdf, g_fv, g_o, g_d, g_t, g_s,
-            nr, R, S, X, Y, Z, nf,
-            origins.stride(0), origins.stride(1), origins.stride(2),
-            dirs.stride(0), dirs.stride(1), dirs.stride(2),
-            t_vals.stride(0), t_vals.stride(1), t_vals.stride(2),
-            BLOCK_R=BR, BLOCK_F=BF, CDT=_tl_dtype(cdt), num_warps=nw)
-    grad_volume = torch.cat([g_sdf[:, None], g_fv[..., :nf].permute(0, 4, 1, 2, 3)], 1).to(volume.dtype)
-    return (grad_volume, g_o.to(origins.dtype), g_d.to(dirs.dtype), g_t.to(t_vals.dtype),
-            g_s.sum().reshape(inv_s.shape).to(inv_s.dtype))
+        launch(_sdf_render_bwd_kernel, (triton.cdiv(nr, BR),),
+               vol, origins, dirs, t_vals, inv_s.reshape(1), nsec.contiguous(), tlast.contiguous(),
+               g_feat, g_depth.contiguous(), g_opac.contiguous(),
+               g_vol, g_o, g_d, g_t, g_s,
+               nr, R, S, X, Y, Z, nf,
+               *vol.stride(),
+               origins.stride(0), origins.stride(1), origins.stride(2),
+               dirs.stride(0), dirs.stride(1), dirs.stride(2),
+               t_vals.stride(0), t_vals.stride(1), t_vals.stride(2),
+               BLOCK_R=BR, BLOCK_F=BF, CDT=tl_dtype(cdt), num_warps=nw)
+    return (g_vol if g_vol.dtype == volume.dtype else g_vol.to(volume.dtype), g_o.to(origins.dtype),
+            g_d.to(dirs.dtype), g_t.to(t_vals.dtype), g_s.sum().reshape(inv_s.shape).to(inv_s.dtype))
 
 
 # ============================================================================ registered op
@@ -629,7 +615,7 @@ def _(volume, origins, dirs, t_vals, inv_s):
     B, C = volume.shape[:2]
     R = origins.shape[1]
     out_dt = _out_dtype(volume, origins, dirs, t_vals)
-    cdt = _compute_dtype(out_dt)
+    cdt = acc_dtype(out_dt)
     return (volume.new_empty((B, R, C - 1), dtype=out_dt), volume.new_empty((B, R), dtype=out_dt),
             volume.new_empty((B, R), dtype=out_dt), volume.new_empty((B, R), dtype=torch.int32),
             volume.new_empty((B, R), dtype=cdt))
@@ -640,13 +626,12 @@ def _render_sdf_backward_op(g_feat: torch.Tensor, g_depth: torch.Tensor, g_opac:
                             volume: torch.Tensor, origins: torch.Tensor, dirs: torch.Tensor, t_vals: torch.Tensor,
                             inv_s: torch.Tensor, nsec: torch.Tensor, tlast: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    gv, go, gd, gt, gs = _render_sdf_bwd(g_feat, g_depth, g_opac, volume, origins, dirs, t_vals, inv_s, nsec, tlast)
-    return gv.contiguous(), go, gd, gt, gs
+    return _render_sdf_bwd(g_feat, g_depth, g_opac, volume, origins, dirs, t_vals, inv_s, nsec, tlast)
 
 
 @_render_sdf_backward_op.register_fake
 def _(g_feat, g_depth, g_opac, volume, origins, dirs, t_vals, inv_s, nsec, tlast):
-    return (torch.empty_like(volume, memory_format=torch.contiguous_format),
+    return (_grad_volume_like(volume, volume.dtype),
             torch.empty_like(origins, memory_format=torch.contiguous_format),
             torch.empty_like(dirs, memory_format=torch.contiguous_format),
             torch.empty_like(t_vals, memory_format=torch.contiguous_format),
@@ -681,31 +666,47 @@ _render_sdf_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ============================================================================ public op
 
-def _validate_public(volume, origins, dirs, t_vals, inv_s):
+def _validate_public(volume, origins, dirs, t_vals, inv_s, validate=True):
     if not isinstance(inv_s, torch.Tensor) and isinstance(inv_s, (int, float)):
+        if not (math.isfinite(inv_s) and inv_s > 0):
+            raise ValueError(f"inv_s: must be positive and finite (NeuS sharpness), got {inv_s}")
         inv_s = torch.tensor(float(inv_s), dtype=torch.float32, device=volume.device)
+        _check_inputs(volume, origins, dirs, t_vals, inv_s)
+        validate = validate and t_vals.numel() > 0
+        if validate and not tracing() and bool((t_vals[..., 1:] < t_vals[..., :-1]).any()):
+            raise ValueError("t_vals: must be sorted ascending along the sample dim (S)")
+        return inv_s
     _check_inputs(volume, origins, dirs, t_vals, inv_s)
-    # one host sync for the value checks: t sorted along S (NaN compares false and passes), inv_s > 0
+    if not validate or tracing():
+        return inv_s
+    # one host sync for the value checks: t sorted along S (NaN compares false and passes), inv_s in (0, inf)
     unsorted = (t_vals[..., 1:] < t_vals[..., :-1]).any() if t_vals.numel() else torch.zeros((), dtype=torch.bool)
-    bad = torch.stack([unsorted.to(inv_s.device), ~(inv_s.reshape(()) > 0)]).tolist()
+    s = inv_s.reshape(())
+    bad = torch.stack([unsorted.to(inv_s.device), ~((s > 0) & torch.isfinite(s))]).tolist()
     if bad[0]:
         raise ValueError("t_vals: must be sorted ascending along the sample dim (S)")
     if bad[1]:
-        raise ValueError(f"inv_s: must be positive and finite (NeuS sharpness), got {inv_s.reshape(()).item()}")
+        raise ValueError(f"inv_s: must be positive and finite (NeuS sharpness), got {s.item()}")
     return inv_s
 
 
 def render_sdf(volume: torch.Tensor, origins: torch.Tensor, dirs: torch.Tensor, t_vals: torch.Tensor,
-               inv_s: torch.Tensor):
+               inv_s, *, validate: bool = True):
     """NeuS volume rendering of an SDF + feature voxel grid; see the module docstring.
 
     Returns ``features`` (B, R, C-1), ``depth`` (B, R), ``opacity`` (B, R).
     CUDA tensors run the fused Triton kernel; CPU tensors the reference (``NANO4D_FORCE_TRITON=1``: kernel
     through the interpreter). Raises ``ValueError`` naming the argument on bad shapes, dtypes, devices,
-    S < 2 or unsorted ``t_vals``.
+    S < 2, unsorted ``t_vals`` or ``inv_s`` not positive and finite. The value checks (sorted t, inv_s)
+    cost one device->host copy per call; ``validate=False`` skips them (zero host syncs: the models'
+    trusted path, CUDA-graph capturable) and they are skipped while torch.compile traces.
+    ``inv_s`` is a one-element tensor (differentiable) or a Python number.
     """
-    inv_s = _validate_public(volume, origins, dirs, t_vals, inv_s)
+    inv_s = _validate_public(volume, origins, dirs, t_vals, inv_s, validate)
     if use_triton(volume, origins, dirs, t_vals, inv_s):
         feat, depth, opac, _, _ = torch.ops.nano4d.render_sdf(volume, origins, dirs, t_vals, inv_s)
         return feat, depth, opac
     return render_sdf_ref(volume, origins, dirs, t_vals, inv_s)
+
+
+sdf_render = render_sdf   # the op under its file's name

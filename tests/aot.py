@@ -101,30 +101,36 @@ def _describe(x):
 
 
 @contextlib.contextmanager
-def capture_launches(gpu_config: bool = True):
+def capture_launches(gpu_config: bool = True, run=None):
     """Inside the block every ``kernel[grid](...)`` launch (JIT or interpreter) is recorded, not run.
     Yields the list the ``Launch`` records are appended to. ``gpu_config``: launchers pick the block
     sizes they use on a GPU even in an interpreted session (``TRITON_INTERPRET`` reads as off inside
-    the block; Triton itself only reads it when a kernel is defined)."""
+    the block; Triton itself only reads it when a kernel is defined). ``run``: optional predicate on the
+    kernel name; those kernels are recorded and also run (e.g. one whose results host code reads)."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     launches = []
 
-    def run(self, *args, grid, warmup, **kwargs):
+    saved = [(cls, cls.__dict__["run"]) for cls in (JITFunction, InterpretedFunction)]
+    originals = dict(saved)
+
+    def record(self, *args, grid, warmup, **kwargs):
         if warmup:
             return None
         mod, path, name = _kernel_location(self)
         g = tuple(grid) if isinstance(grid, (tuple, list)) else (grid,)
         launches.append(Launch(mod, path, name, tuple(int(v) for v in g), tuple(_describe(a) for a in args),
                                {k: _describe(v) for k, v in kwargs.items()}))
+        if run is not None and run(name):
+            return originals[type(self) if type(self) in originals else JITFunction](
+                self, *args, grid=grid, warmup=warmup, **kwargs)
         return None
 
-    saved = [(cls, cls.__dict__["run"]) for cls in (JITFunction, InterpretedFunction)]
     env = os.environ.get("TRITON_INTERPRET")
     try:
         for cls, _ in saved:
-            cls.run = run
+            cls.run = record
         if gpu_config:
             os.environ["TRITON_INTERPRET"] = "0"
         yield launches

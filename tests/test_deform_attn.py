@@ -251,10 +251,18 @@ def test_backward_is_deterministic():
 def test_bad_inputs_raise_value_error():
     value, ss, starts, loc, w = make_inputs(0, 1, 3, 2, 8, [(3, 7), (2, 2)], 2)
     value, loc, w = value.float(), loc.float(), w.float()
-    cases = [
+    values = [   # map metadata values: checked by the public op (one host copy), not by the trusting launcher
         (dict(level_start_index=torch.tensor([0, 20])), "level_start_index"),
         (dict(spatial_shapes=torch.tensor([[3, 7], [2, 3]])), "value: S"),
         (dict(spatial_shapes=torch.tensor([[3, 7], [0, 2]])), "spatial_shapes"),
+        (dict(spatial_shapes=[(3, 7), (2, 3)], level_start_index=None), "value: S"),
+        (dict(spatial_shapes=[(3, 7), (2, 2)], level_start_index=[0, 20]), "level_start_index"),
+        (dict(spatial_shapes=[(3, 7), (0, 2)], level_start_index=None), "spatial_shapes"),
+        (dict(spatial_shapes=[(3, 7, 1)], level_start_index=None), "spatial_shapes"),
+        (dict(spatial_shapes=["ab"], level_start_index=None), "spatial_shapes"),
+        (dict(spatial_shapes=[], level_start_index=None), "spatial_shapes"),
+    ]
+    meta = [
         (dict(spatial_shapes=ss.float()), "spatial_shapes"),
         (dict(spatial_shapes=ss[:, :1]), "spatial_shapes"),
         (dict(level_start_index=starts[:1]), "level_start_index"),
@@ -265,14 +273,56 @@ def test_bad_inputs_raise_value_error():
         (dict(attention_weights=w[..., :1]), "attention_weights"),
         (dict(attention_weights=w.to("meta")), "attention_weights"),
         (dict(sampling_locations=[0.5, 0.5]), "sampling_locations"),
+        # metadata on another device than value: never read as uninitialized / foreign memory
+        (dict(spatial_shapes=ss.to("meta")), "spatial_shapes"),
+        (dict(level_start_index=starts.to("meta")), "level_start_index"),
     ]
-    for fn in (deform_attn, DA._deform_attn_fwd):
-        for kw, msg in cases:
+    fns = [deform_attn, lambda **kw: deform_attn(**kw, validate=False), DA._deform_attn_fwd]
+    for i, fn in enumerate(fns):
+        for kw, msg in (values if i == 0 else []) + [c for c in meta if i < 2 or isinstance(
+                c[0].get("spatial_shapes", ss), torch.Tensor)]:
             args = dict(value=value, spatial_shapes=ss, level_start_index=starts, sampling_locations=loc,
                         attention_weights=w)
             args.update(kw)
             with pytest.raises(ValueError, match=msg):
                 fn(**args)
+
+
+@pytest.mark.parametrize("force", ["1", "0"], ids=["kernel", "reference"])
+def test_metadata_on_another_device_both_paths(force, monkeypatch):
+    monkeypatch.setenv("NANO4D_FORCE_TRITON", force)
+    value, ss, starts, loc, w = make_inputs(0, 1, 3, 2, 8, [(3, 7), (2, 2)], 2)
+    for kw, msg in ((dict(spatial_shapes=ss.to("meta")), "spatial_shapes"),
+                    (dict(level_start_index=starts.to("meta")), "level_start_index")):
+        args = dict(value=value.float(), spatial_shapes=ss, level_start_index=starts,
+                    sampling_locations=loc.float(), attention_weights=w.float())
+        args.update(kw)
+        for validate in (True, False):
+            with pytest.raises(ValueError, match=msg):
+                deform_attn(**args, validate=validate)
+
+
+def test_python_int_shapes_and_trusted_path_make_no_host_sync(monkeypatch):
+    """Python-int shapes (checked on the host) and validate=False read no tensor value on the host:
+    zero Tensor.item / tolist / __bool__ / ... calls per forward + backward."""
+    from tests.sync_count import count_host_syncs
+    shapes = [(3, 7), (2, 2)]
+    value, ss, starts, loc, w = make_inputs(0, 1, 5, 2, 8, shapes, 2)
+    leaves = [t.float().requires_grad_() for t in (value, loc, w)]
+    gout = torch.randn(1, 5, 16)
+    want, want_g = run(deform_attn, value.float(), ss, starts, loc.float(), w.float(), gout)
+    for call in (lambda: deform_attn(leaves[0], shapes, None, leaves[1], leaves[2]),
+                 lambda: deform_attn(leaves[0], ss, starts, leaves[1], leaves[2], validate=False)):
+        with count_host_syncs() as syncs:
+            out = call()
+            g = torch.autograd.grad(out, leaves, gout)
+        assert syncs.count == 0, syncs.calls
+        torch.testing.assert_close(out, want)
+        for a, b in zip(g, want_g):
+            torch.testing.assert_close(a, b)
+    with count_host_syncs() as syncs:   # the default tensor path: one small copy, forward only
+        deform_attn(leaves[0], ss, starts, leaves[1], leaves[2]).sum().backward()
+    assert syncs.count == 1, syncs.calls
 
 
 def test_cpu_dispatch_uses_reference(monkeypatch):

@@ -1,5 +1,6 @@
 """NeuS SDF ray marching: Triton kernel (interpreted on CPU) vs the grid_sample + cumprod reference."""
 import importlib
+import os
 
 import pytest
 import torch
@@ -344,15 +345,63 @@ def test_bad_inputs_raise_value_error():
         ((vol, o, d, t, torch.ones(2)), "inv_s"),
         ((vol, o, d, t, torch.tensor(-1.0)), "inv_s.*positive"),
         ((vol, o, d, t, torch.tensor(float("nan"))), "inv_s.*positive"),
+        ((vol, o, d, t, torch.tensor(float("inf"))), "inv_s: must be positive and finite"),
+        ((vol, o, d, t, float("inf")), "inv_s: must be positive and finite"),
+        ((vol, o, d, t, 0.0), "inv_s: must be positive and finite"),
         ((vol, torch.zeros(2, 5, 3), d, t, s), "origins"),
         ((torch.randn(1, SR.MAX_FEATURES + 2, 2, 2, 2), o, d, t, s), "volume"),
     ]
-    for args, msg in cases:
-        with pytest.raises(ValueError, match=msg):
-            render_sdf(*args)
+    for force in ("1", "0"):          # the kernel path and the reference path check alike
+        os.environ["NANO4D_FORCE_TRITON"] = force
+        try:
+            for args, msg in cases:
+                with pytest.raises(ValueError, match=msg):
+                    render_sdf(*args)
+        finally:
+            os.environ["NANO4D_FORCE_TRITON"] = "1"
     # equal neighbours (zero-length sections) are sorted
     t_eq = torch.tensor([0.0, 0.5, 0.5, 1.0]).expand(1, 5, 4)
     render_sdf(vol, o, d, t_eq, s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_all_low_precision(dtype):
+    # volume, rays and inv_s all fp16 / bf16: the reference (the CPU path) computes in that dtype
+    inp = [x.to(dtype) for x in inputs_for(1, 6, 5, 3, 2, 3, 4, 8.0, 3)]
+    for fn in (render_sdf_ref, render_sdf):
+        out = fn(*inp)
+        assert all(o.dtype == dtype and torch.isfinite(o).all() for o in out)
+    want = render_sdf_ref(*[x.double() for x in inp])
+    for a, b in zip(render_sdf_ref(*inp), want):
+        torch.testing.assert_close(a.double(), b, rtol=0.05, atol=0.05)
+
+
+def test_channels_last_volume_is_read_in_place():
+    """A channels-last volume (a voxel's features side by side) is read through its strides, never
+    copied; results and gradients equal the contiguous volume's, and the gradient has its strides."""
+    from tests.aot import capture_launches
+    inp = [x.float() for x in inputs_for(1, 7, 5, 9, 2, 3, 4, 8.0, 4)]
+    vol_cl = inp[0].contiguous(memory_format=torch.channels_last_3d)
+    assert vol_cl.stride(1) == 1
+    gouts = [torch.randn(1, 7, 8), torch.randn(1, 7), torch.randn(1, 7)]
+    want, gw = run(render_sdf, inp, gouts)
+    got, gg = run(render_sdf, [vol_cl] + inp[1:], gouts)
+    for a, b in zip(got + gg, want + gw):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    vol = vol_cl.detach().requires_grad_()
+    with capture_launches() as launches:
+        render_sdf(vol, *inp[1:])
+    assert launches[0].args[0][2] == vol.data_ptr()      # the kernel got the caller's storage
+
+
+def test_trusted_path_makes_no_host_sync():
+    from tests.sync_count import count_host_syncs
+    inp = [x.float().requires_grad_() for x in inputs_for(1, 6, 5, 3, 2, 3, 4, 8.0, 3)]
+    for validate, want in ((False, 0), (True, 1)):
+        with count_host_syncs() as syncs:
+            out = render_sdf(*inp, validate=validate)
+            sum(o.sum() for o in out).backward()
+        assert syncs.count == want, syncs.calls
 
 
 def test_cpu_dispatch_uses_reference(monkeypatch):
