@@ -64,6 +64,9 @@ from kernels._common import (FLOAT_DTYPES, acc_dtype, check_index_range, check_t
                              next_pow2, tl_dtype, tracing, use_triton)
 
 MAX_D = 256  # channels per launch (larger head dims run in chunks)
+# Register budget of the backward: Triton runs ptxas with --regAllocOptLevel=2, which for some
+# specializations settles at 128 registers and spills ~16 B; 168 leaves 3 blocks of 4 warps per SM.
+BWD_MAXNREG = 168
 
 
 # ============================================================================ Triton kernels
@@ -443,7 +446,7 @@ def _deform_attn_bwd(grad_out, value, spatial_shapes, level_start_index, samplin
                v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1), g.stride(2),
                D=dc, VEC=_vec(dc, *v.stride()[:3], *g.stride()[:3]),
                BLOCK_Q=block_q, BLOCK_D=block_d, ACC=tl_dtype(acc_torch), IDX64=big or gv_acc.numel() >= 2**31,
-               num_warps=warps)
+               num_warps=warps, maxnreg=BWD_MAXNREG)
         if len(chunks) == 1:
             return gv_acc.to(value.dtype), gloc, gattw
         gloc += gl

@@ -12,7 +12,7 @@ index; global attention = one id per sample; ragged batches = -1 on padding toke
 gets a zero output and passes/receives exactly zero gradient (never uninitialized memory).
 
 Layouts: q, k, v (B, H, N, D), any strides (views of a packed qkv tensor work, no copy);
-segment_ids (B, N), any integer dtype whose values fit in int32. Output (B, H, N, D), contiguous,
+segment_ids (B, N), any integer dtype (int32 / int64 read as they are). Output (B, H, N, D), contiguous,
 dtype of q. Differentiable in q, k, v (not in segment_ids, not in scale).
 
 Kernels. The forward streams key blocks with the online softmax (running max m and sum l, in base 2
@@ -31,7 +31,12 @@ width of 16/32/64/128/256 (the caller never pads). fp32 inputs use exact fp32 do
 (``input_precision="ieee"``), not TF32: accurate, but no tensor cores on the GPU (use bf16/fp16 for
 speed). The LSE is stored in fp32, so at extreme logits (|scale * q.k| ~ 100+) fp32 gradients carry
 a relative error ~|lse| * 2^-24, as in any FlashAttention-style backward. Non-finite inputs are not
-checked (that costs a device sync): they propagate NaN to the rows that attend them.
+checked (that costs a device sync): they propagate NaN to the rows that attend them, and never reach
+rows that do not attend them (padding, other segments): masked pairs are where-selected away and the
+matmul operands that meet them use finite stand-ins. Block skipping also skips the per-element mask on
+tiles whose query and key blocks hold one and the same id. The backward runs 7 block matmuls per tile
+pair (FlashAttention-2 runs 5 by accumulating dQ with atomics in the dK/dV sweep); the separate dQ sweep
+keeps it deterministic.
 """
 from __future__ import annotations
 
@@ -41,8 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import (check_index_range, check_same_device, check_tensor, interpreting, next_pow2,
-                             use_triton)
+from kernels._common import (acc_dtype, check_index_range, check_same_device, check_tensor, interpreting, launch,
+                             next_pow2, tl_dtype, tracing, use_triton)
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -50,39 +55,80 @@ _DOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
+# With segment ids a tile (query block x key block) is "pure" when both blocks hold one and the same
+# non-negative id: then every pair is allowed and the per-element mask is skipped. In mixed tiles masked
+# pairs are removed with where-selects (never 0 * x), and the matmul operands that meet masked pairs use
+# finite stand-ins (non-finite entries -> 0), so NaN / Inf in tokens a query does not attend (padding,
+# other segments) contribute exactly nothing; non-finite values of attended tokens still propagate.
 
 @triton.jit
-def _patch_attn_ranges_kernel(SEG, RANGE, N, n_rblocks, n_cblocks, stride_sb, stride_sn,
-                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK: tl.constexpr):
+def _patch_attn_ranges_kernel(seg_ptr, range_ptr, N, n_rblocks, n_cblocks, stride_sb, stride_sn,
+                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK: tl.constexpr,
+                              SEG64: tl.constexpr):
     """Block-skipping pre-pass. One program per (b, row block): the range [lo, hi) of column blocks
     whose non-negative id range [min, max] meets the row block's (empty range: lo == hi)."""
+    big = 2**62 if SEG64 else 2147483647
     pid = tl.program_id(0).to(tl.int64)
     r = pid % n_rblocks
     b = pid // n_rblocks
-    SEG += b * stride_sb
+    seg_ptr += b * stride_sb
     offs = r * BLOCK_R + tl.arange(0, BLOCK_R)
-    ids = tl.load(SEG + offs * stride_sn, mask=offs < N, other=-1)
-    rmin = tl.min(tl.where(ids >= 0, ids, 2147483647), 0)
+    ids = tl.load(seg_ptr + offs * stride_sn, mask=offs < N, other=-1)
+    rmin = tl.min(tl.where(ids >= 0, ids, big), 0)
     rmax = tl.max(tl.where(ids >= 0, ids, -1), 0)
     lo = tl.zeros([], dtype=tl.int32) + n_cblocks
     hi = tl.zeros([], dtype=tl.int32)
     for c0 in range(0, n_cblocks, CHUNK):
         cblk = c0 + tl.arange(0, CHUNK)
         offs_c = cblk[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
-        cid = tl.load(SEG + offs_c * stride_sn, mask=offs_c < N, other=-1)
-        cmin = tl.min(tl.where(cid >= 0, cid, 2147483647), 1)
+        cid = tl.load(seg_ptr + offs_c * stride_sn, mask=offs_c < N, other=-1)
+        cmin = tl.min(tl.where(cid >= 0, cid, big), 1)
         cmax = tl.max(tl.where(cid >= 0, cid, -1), 1)
         meet = (cmin <= rmax) & (cmax >= rmin) & (cblk < n_cblocks)
         lo = tl.minimum(lo, tl.min(tl.where(meet, cblk, n_cblocks), 0))
         hi = tl.maximum(hi, tl.max(tl.where(meet, cblk + 1, 0), 0))
     lo = tl.minimum(lo, hi)
-    tl.store(RANGE + pid * 2, lo)
-    tl.store(RANGE + pid * 2 + 1, hi)
+    tl.store(range_ptr + pid * 2, lo)
+    tl.store(range_ptr + pid * 2 + 1, hi)
+
+
+@triton.jit
+def _finite(x):
+    """x with non-finite entries replaced by 0 (a where-select: 0 * NaN never happens)."""
+    return tl.where(tl.abs(x) < float("inf"), x, 0.0)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, ACC: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)
+    return tl.dot(a, b, out_dtype=ACC)
+
+
+@triton.jit
+def _dot_ok(a, b, ok, IEEE: tl.constexpr, ACC: tl.constexpr):
+    """a @ b for an ``a`` that is exactly 0 outside ``ok`` (a where-select of the caller): non-finite
+    entries of b never meet the zeros (0 * NaN); an output that an allowed pair links to a non-finite b
+    entry is NaN (a rare path: a 0/1 matmul counts those links exactly)."""
+    bf = _finite(b)
+    out = _dot(a, bf, IEEE, ACC)
+    nonfin = tl.max(tl.max(tl.where(bf != b, 1, 0), 1), 0)
+    if nonfin > 0:
+        cnt = _dot(tl.where(ok, 1.0, 0.0).to(bf.dtype), tl.where(bf != b, 1.0, 0.0).to(bf.dtype), IEEE, ACC)
+        out = tl.where(cnt > 0, float("nan"), out)
+    return out
+
+
+@triton.jit
+def _uniform_id(ids):
+    """The block's id if all its ids are one non-negative value, else -1."""
+    lo = tl.min(ids, 0)
+    return tl.where(lo == tl.max(ids, 0), lo, -1)
 
 
 @triton.jit
 def _patch_attn_fwd_kernel(
-        Q, K, V, SEG, RANGE, O, LSE,
+        q_ptr, k_ptr, v_ptr, seg_ptr, range_ptr, o_ptr, lse_ptr,
         N, D, H, n_mblocks, qk_scale,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
@@ -102,19 +148,20 @@ def _patch_attn_fwd_kernel(
     m_in = offs_m < N
     d_in = offs_d < D
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                 mask=m_in[:, None] & d_in[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     if HAS_SEG:
-        seg_q = tl.load(SEG + b * stride_sb + offs_m * stride_sn, mask=m_in, other=-1)
-        lo = tl.load(RANGE + (b * n_mblocks + pid_m) * 2)
-        hi = tl.load(RANGE + (b * n_mblocks + pid_m) * 2 + 1)
+        seg_q = tl.load(seg_ptr + b * stride_sb + offs_m * stride_sn, mask=m_in, other=-1)
+        uid_q = _uniform_id(seg_q)
+        lo = tl.load(range_ptr + (b * n_mblocks + pid_m) * 2)
+        hi = tl.load(range_ptr + (b * n_mblocks + pid_m) * 2 + 1)
     else:
         lo = 0
         hi = tl.cdiv(N, BLOCK_N)
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    k_ptr += b * stride_kb + h * stride_kh
+    v_ptr += b * stride_vb + h * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
@@ -122,41 +169,53 @@ def _patch_attn_fwd_kernel(
     for jb in range(lo, hi):
         offs_n = jb * BLOCK_N + offs_n0
         n_in = offs_n < N
-        kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        kt = tl.load(k_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=n_in[None, :] & d_in[:, None], other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=n_in[:, None] & d_in[None, :], other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee", out_dtype=ACC)
-        else:
-            s = tl.dot(q, kt, out_dtype=ACC)
-        s = s * qk_scale
+        s = _dot(q, kt, IEEE, ACC) * qk_scale
         if HAS_SEG:
-            seg_k = tl.load(SEG + b * stride_sb + offs_n * stride_sn, mask=n_in, other=-1)
-            ok = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] >= 0)
-            s = tl.where(ok, s, float("-inf"))
-        elif not EVEN_N:  # without ids only keys past N are masked (never a whole block)
-            s = tl.where(n_in[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if HAS_SEG:
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
+            seg_k = tl.load(seg_ptr + b * stride_sb + offs_n * stride_sn, mask=n_in, other=-1)
+            uid_k = _uniform_id(seg_k)
+            if (uid_q >= 0) & (uid_q == uid_k):      # pure tile: every pair allowed, no mask
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                p = tl.exp2(s - m_new[:, None])
+                alpha = tl.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                pv = p.to(v_ptr.dtype.element_ty)
+                if UPCAST:
+                    pv = pv.to(tl.float32)
+                acc = acc * alpha[:, None] + _dot(pv, v, IEEE, ACC)
+                m_i = m_new
+            else:
+                ok = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] >= 0)
+                s = tl.where(ok, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
+                p = tl.exp2(s - m_use[:, None])
+                alpha = tl.exp2(m_i - m_use)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                pv = p.to(v_ptr.dtype.element_ty)
+                if UPCAST:
+                    pv = pv.to(tl.float32)
+                acc = acc * alpha[:, None] + _dot_ok(pv, v, ok, IEEE, ACC)
+                m_i = m_new
         else:
-            m_use = m_new
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # P is rounded to the input dtype before the PV product (as on the GPU, also when upcasting)
-        pv = p.to(V.dtype.element_ty)
-        if UPCAST:
-            pv = pv.to(tl.float32)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision="ieee", out_dtype=ACC)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(pv, v, out_dtype=ACC)
-        m_i = m_new
+            if not EVEN_N:  # without ids only keys past N are masked (never a whole block)
+                s = tl.where(n_in[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            # P is rounded to the input dtype before the PV product (as on the GPU, also when upcasting)
+            pv = p.to(v_ptr.dtype.element_ty)
+            if UPCAST:
+                pv = pv.to(tl.float32)
+            acc = acc * alpha[:, None] + _dot(pv, v, IEEE, ACC)
+            m_i = m_new
 
     # l >= 1 for a row with any allowed key (its max term is exp2(0)); l == 0 only for empty rows.
     # (Not `l > 0`: a NaN input must give NaN, not a silent zero row.)
@@ -165,13 +224,13 @@ def _patch_attn_fwd_kernel(
     out = tl.where(empty[:, None], 0.0, out)
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # +inf: P == 0 in backward
     o_base = pid_bh * N * D
-    tl.store(O + o_base + offs_m[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty),
+    tl.store(o_ptr + o_base + offs_m[:, None] * D + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=m_in[:, None] & d_in[None, :])
-    tl.store(LSE + pid_bh * N + offs_m, lse.to(LSE.dtype.element_ty), mask=m_in)
+    tl.store(lse_ptr + pid_bh * N + offs_m, lse.to(lse_ptr.dtype.element_ty), mask=m_in)
 
 
 @triton.jit
-def _patch_attn_bwd_preprocess_kernel(O, DO, DELTA, N, D, n_mblocks,
+def _patch_attn_bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr, N, D, n_mblocks,
                                       stride_dob, stride_doh, stride_don, stride_dod, H,
                                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -182,15 +241,15 @@ def _patch_attn_bwd_preprocess_kernel(O, DO, DELTA, N, D, n_mblocks,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     msk = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-    o = tl.load(O + pid_bh * N * D + offs_m[:, None] * D + offs_d[None, :], mask=msk, other=0.0).to(ACC)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                 mask=msk, other=0.0).to(ACC)
-    tl.store(DELTA + pid_bh * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
+    o = tl.load(o_ptr + pid_bh * N * D + offs_m[:, None] * D + offs_d[None, :], mask=msk, other=0.0).to(ACC)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
+                 + offs_d[None, :] * stride_dod, mask=msk, other=0.0).to(ACC)
+    tl.store(delta_ptr + pid_bh * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
 
 
 @triton.jit
 def _patch_attn_bwd_dkdv_kernel(
-        Q, K, V, SEG, RANGE, DO, LSE, DELTA, DK, DV,
+        q_ptr, k_ptr, v_ptr, seg_ptr, range_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
         N, D, H, n_nblocks, qk_scale, sm_scale,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
@@ -212,74 +271,68 @@ def _patch_attn_bwd_dkdv_kernel(
     n_in = offs_n < N
     d_in = offs_d < D
     kv_msk = n_in[:, None] & d_in[None, :]
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                 mask=kv_msk, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                 mask=kv_msk, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     if HAS_SEG:
-        seg_k = tl.load(SEG + b * stride_sb + offs_n * stride_sn, mask=n_in, other=-1)
-        lo = tl.load(RANGE + (b * n_nblocks + pid_n) * 2)
-        hi = tl.load(RANGE + (b * n_nblocks + pid_n) * 2 + 1)
+        seg_k = tl.load(seg_ptr + b * stride_sb + offs_n * stride_sn, mask=n_in, other=-1)
+        uid_k = _uniform_id(seg_k)
+        lo = tl.load(range_ptr + (b * n_nblocks + pid_n) * 2)
+        hi = tl.load(range_ptr + (b * n_nblocks + pid_n) * 2 + 1)
     else:
         lo = 0
         hi = tl.cdiv(N, BLOCK_M)
-    Q += b * stride_qb + h * stride_qh
-    DO += b * stride_dob + h * stride_doh
+    q_ptr += b * stride_qb + h * stride_qh
+    do_ptr += b * stride_dob + h * stride_doh
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     for ib in range(lo, hi):
         offs_m = ib * BLOCK_M + offs_m0
         m_in = offs_m < N
-        qt = tl.load(Q + offs_m[None, :] * stride_qn + offs_d[:, None] * stride_qd,
+        qt = tl.load(q_ptr + offs_m[None, :] * stride_qn + offs_d[:, None] * stride_qd,
                      mask=m_in[None, :] & d_in[:, None], other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+        do = tl.load(do_ptr + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
                      mask=m_in[:, None] & d_in[None, :], other=0.0)
-        lse = tl.load(LSE + pid_bh * N + offs_m, mask=m_in, other=float("inf"))
-        delta = tl.load(DELTA + pid_bh * N + offs_m, mask=m_in, other=0.0)
+        lse = tl.load(lse_ptr + pid_bh * N + offs_m, mask=m_in, other=float("inf"))
+        delta = tl.load(delta_ptr + pid_bh * N + offs_m, mask=m_in, other=0.0)
         if UPCAST:
             qt = qt.to(tl.float32)
             do = do.to(tl.float32)
-        if IEEE:
-            st = tl.dot(k, qt, input_precision="ieee", out_dtype=ACC)
-        else:
-            st = tl.dot(k, qt, out_dtype=ACC)
+        st = _dot(k, qt, IEEE, ACC)
         if HAS_SEG:
-            seg_q = tl.load(SEG + b * stride_sb + offs_m * stride_sn, mask=m_in, other=-1)
-            ok = (seg_k[:, None] == seg_q[None, :]) & (seg_q[None, :] >= 0)
-            pt = tl.exp2(tl.where(ok, st * qk_scale - lse[None, :], float("-inf")))  # P^T, exactly 0 where masked
-        elif not EVEN_N:  # keys past N: their rows are never stored, masked only to keep them finite
-            pt = tl.exp2(tl.where(n_in[:, None], st * qk_scale - lse[None, :], float("-inf")))
-        else:  # queries past N have lse = +inf, so P = 0 there
-            pt = tl.exp2(st * qk_scale - lse[None, :])
-        ptc = pt.to(DO.dtype.element_ty)
-        if UPCAST:
-            ptc = ptc.to(tl.float32)
-        if IEEE:
-            dv += tl.dot(ptc, do, input_precision="ieee", out_dtype=ACC)
-            dpt = tl.dot(v, tl.trans(do), input_precision="ieee", out_dtype=ACC)
+            seg_q = tl.load(seg_ptr + b * stride_sb + offs_m * stride_sn, mask=m_in, other=-1)
+            if (uid_k >= 0) & (uid_k == _uniform_id(seg_q)):   # pure tile: every pair allowed
+                pt = tl.exp2(st * qk_scale - lse[None, :])
+                dv += _dot(pt.to(do_ptr.dtype.element_ty).to(do.dtype), do, IEEE, ACC)
+                dst = pt * (_dot(v, tl.trans(do), IEEE, ACC) - delta[None, :])
+                dk += _dot(dst.to(q_ptr.dtype.element_ty).to(qt.dtype), tl.trans(qt), IEEE, ACC)
+            else:
+                ok = (seg_k[:, None] == seg_q[None, :]) & (seg_q[None, :] >= 0)
+                pt = tl.exp2(tl.where(ok, st * qk_scale - lse[None, :], float("-inf")))  # exactly 0 where masked
+                dv += _dot_ok(pt.to(do_ptr.dtype.element_ty).to(do.dtype), do, ok, IEEE, ACC)
+                dst = tl.where(ok, pt * (_dot(v, tl.trans(do), IEEE, ACC) - delta[None, :]), 0.0)
+                dk += _dot_ok(dst.to(q_ptr.dtype.element_ty).to(qt.dtype), tl.trans(qt), ok, IEEE, ACC)
         else:
-            dv += tl.dot(ptc, do, out_dtype=ACC)
-            dpt = tl.dot(v, tl.trans(do), out_dtype=ACC)
-        dst = pt * (dpt - delta[None, :])
-        dsc = dst.to(Q.dtype.element_ty)
-        if UPCAST:
-            dsc = dsc.to(tl.float32)
-        if IEEE:
-            dk += tl.dot(dsc, tl.trans(qt), input_precision="ieee", out_dtype=ACC)
-        else:
-            dk += tl.dot(dsc, tl.trans(qt), out_dtype=ACC)
+            if not EVEN_N:  # keys past N: their rows are never stored, masked only to keep them finite
+                pt = tl.exp2(tl.where(n_in[:, None], st * qk_scale - lse[None, :], float("-inf")))
+            else:  # queries past N have lse = +inf, so P = 0 there
+                pt = tl.exp2(st * qk_scale - lse[None, :])
+            dv += _dot(pt.to(do_ptr.dtype.element_ty).to(do.dtype), do, IEEE, ACC)
+            dst = pt * (_dot(v, tl.trans(do), IEEE, ACC) - delta[None, :])
+            dk += _dot(dst.to(q_ptr.dtype.element_ty).to(qt.dtype), tl.trans(qt), IEEE, ACC)
     dk = dk * sm_scale
     base = pid_bh * N * D
-    tl.store(DK + base + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_msk)
-    tl.store(DV + base + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_msk)
+    tl.store(dk_ptr + base + offs_n[:, None] * D + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kv_msk)
+    tl.store(dv_ptr + base + offs_n[:, None] * D + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_msk)
 
 
 @triton.jit
 def _patch_attn_bwd_dq_kernel(
-        Q, K, V, SEG, RANGE, DO, LSE, DELTA, DQ,
+        q_ptr, k_ptr, v_ptr, seg_ptr, range_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
         N, D, H, n_mblocks, qk_scale, sm_scale,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
@@ -301,59 +354,59 @@ def _patch_attn_bwd_dq_kernel(
     m_in = offs_m < N
     d_in = offs_d < D
     q_msk = m_in[:, None] & d_in[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                 mask=q_msk, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                 mask=q_msk, other=0.0)
-    lse = tl.load(LSE + pid_bh * N + offs_m, mask=m_in, other=float("inf"))
-    delta = tl.load(DELTA + pid_bh * N + offs_m, mask=m_in, other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
+                 + offs_d[None, :] * stride_dod, mask=q_msk, other=0.0)
+    lse = tl.load(lse_ptr + pid_bh * N + offs_m, mask=m_in, other=float("inf"))
+    delta = tl.load(delta_ptr + pid_bh * N + offs_m, mask=m_in, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     if HAS_SEG:
-        seg_q = tl.load(SEG + b * stride_sb + offs_m * stride_sn, mask=m_in, other=-1)
-        lo = tl.load(RANGE + (b * n_mblocks + pid_m) * 2)
-        hi = tl.load(RANGE + (b * n_mblocks + pid_m) * 2 + 1)
+        seg_q = tl.load(seg_ptr + b * stride_sb + offs_m * stride_sn, mask=m_in, other=-1)
+        uid_q = _uniform_id(seg_q)
+        lo = tl.load(range_ptr + (b * n_mblocks + pid_m) * 2)
+        hi = tl.load(range_ptr + (b * n_mblocks + pid_m) * 2 + 1)
     else:
         lo = 0
         hi = tl.cdiv(N, BLOCK_N)
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    k_ptr += b * stride_kb + h * stride_kh
+    v_ptr += b * stride_vb + h * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for jb in range(lo, hi):
         offs_n = jb * BLOCK_N + offs_n0
         n_in = offs_n < N
-        kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        kt = tl.load(k_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=n_in[None, :] & d_in[:, None], other=0.0)
-        vt = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+        vt = tl.load(v_ptr + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
                      mask=n_in[None, :] & d_in[:, None], other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee", out_dtype=ACC)
-            dp = tl.dot(do, vt, input_precision="ieee", out_dtype=ACC)
-        else:
-            s = tl.dot(q, kt, out_dtype=ACC)
-            dp = tl.dot(do, vt, out_dtype=ACC)
+        s = _dot(q, kt, IEEE, ACC)
+        dp = _dot(do, vt, IEEE, ACC)
         if HAS_SEG:
-            seg_k = tl.load(SEG + b * stride_sb + offs_n * stride_sn, mask=n_in, other=-1)
-            ok = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] >= 0)
-            p = tl.exp2(tl.where(ok, s * qk_scale - lse[:, None], float("-inf")))
-        elif not EVEN_N:  # keys past N: mask them (their P = exp2(-lse) could overflow, and inf * 0 = NaN)
-            p = tl.exp2(tl.where(n_in[None, :], s * qk_scale - lse[:, None], float("-inf")))
+            seg_k = tl.load(seg_ptr + b * stride_sb + offs_n * stride_sn, mask=n_in, other=-1)
+            if (uid_q >= 0) & (uid_q == _uniform_id(seg_k)):   # pure tile: every pair allowed
+                p = tl.exp2(s * qk_scale - lse[:, None])
+                ds = p * (dp - delta[:, None])
+                dq += _dot(ds.to(k_ptr.dtype.element_ty).to(kt.dtype), tl.trans(kt), IEEE, ACC)
+            else:
+                ok = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] >= 0)
+                p = tl.exp2(tl.where(ok, s * qk_scale - lse[:, None], float("-inf")))
+                ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
+                dq += _dot_ok(ds.to(k_ptr.dtype.element_ty).to(kt.dtype), tl.trans(kt), ok, IEEE, ACC)
         else:
-            p = tl.exp2(s * qk_scale - lse[:, None])
-        ds = p * (dp - delta[:, None])
-        dsc = ds.to(K.dtype.element_ty)
-        if UPCAST:
-            dsc = dsc.to(tl.float32)
-        if IEEE:
-            dq += tl.dot(dsc, tl.trans(kt), input_precision="ieee", out_dtype=ACC)
-        else:
-            dq += tl.dot(dsc, tl.trans(kt), out_dtype=ACC)
+            if not EVEN_N:  # keys past N: mask them (their P = exp2(-lse) could overflow, and inf * 0 = NaN)
+                p = tl.exp2(tl.where(n_in[None, :], s * qk_scale - lse[:, None], float("-inf")))
+            else:
+                p = tl.exp2(s * qk_scale - lse[:, None])
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k_ptr.dtype.element_ty).to(kt.dtype), tl.trans(kt), IEEE, ACC)
     dq = dq * sm_scale
-    tl.store(DQ + pid_bh * N * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_msk)
+    tl.store(dq_ptr + pid_bh * N * D + offs_m[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
+             mask=q_msk)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -365,6 +418,8 @@ def patch_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     ``allowed[b, i, j] = (segment_ids[b, i] == segment_ids[b, j]) & (segment_ids[b, j] >= 0)``;
     rows with no allowed key (padding) give zeros and zero gradients. Computed in the input dtype.
+    Non-finite values of tokens a row does not attend never reach it (where-selects, finite stand-ins in
+    the matmuls); those of attended tokens make the entries they feed NaN.
     Query rows are processed in chunks of at most ``chunk_elems`` score entries, which bounds the
     transient memory (what autograd keeps for backward is one probability matrix, as in any
     differentiable dense attention).
@@ -375,17 +430,34 @@ def patch_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         segment_ids = torch.zeros(B, N, dtype=torch.long, device=q.device)
     seg = segment_ids.to(device=q.device, dtype=torch.long)
     rows = max(1, min(N, chunk_elems // max(1, B * H * N)))
+    nan = float("nan")
+    kf = _finite_torch(k)
+    k_bad = ~torch.isfinite(k).all(-1)                                           # (B, H, N)
+    v_bad = ~torch.isfinite(v)
+    vf = _finite_torch(v)
     outs = []
     for i0 in range(0, max(N, 1), rows):  # N == 0: one empty chunk keeps the result in the graph
         sq = seg[:, i0:i0 + rows]
         allowed = (sq[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)  # (B, n, N)
         allowed = allowed[:, None]  # (B, 1, n, N), broadcast over heads
         empty = ~allowed.any(dim=-1, keepdim=True)  # (B, 1, n, 1): padding rows
-        s = torch.matmul(q[:, :, i0:i0 + rows] * scale, k.transpose(-1, -2))
+        qc = q[:, :, i0:i0 + rows]
+        s = torch.matmul(_finite_torch(qc) * scale, kf.transpose(-1, -2))
+        # a non-finite q / k entry makes the scores it touches NaN (as a dot product would); masked pairs
+        # are then replaced by where-selects, so tokens a row does not attend never reach it
+        s = torch.where((~torch.isfinite(qc).all(-1))[..., None] | k_bad[..., None, :], nan, s)
         s = s.masked_fill(~allowed, float("-inf")).masked_fill(empty, 0.0)  # empty rows: finite dummy
-        p = torch.softmax(s, dim=-1)
-        outs.append(torch.matmul(p, v).masked_fill(empty, 0.0))
+        p = torch.where(allowed, torch.softmax(s, dim=-1), 0.0)   # exact zeros also in a NaN row
+        o = torch.matmul(p, vf)
+        if tracing() or bool(v_bad.any()):   # non-finite v of an attended key: NaN where it is linked
+            links = torch.matmul(allowed.to(v.dtype).expand(B, H, -1, -1), v_bad.to(v.dtype))
+            o = torch.where(links > 0, nan, o)
+        outs.append(o.masked_fill(empty, 0.0))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _finite_torch(x):
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -442,17 +514,9 @@ def _block_ranges(seg: torch.Tensor, block_rows: int, block_cols: int) -> torch.
     rng = torch.empty((B, nr, 2), dtype=torch.int32, device=seg.device)
     if rng.numel():
         chunk = max(1, min(next_pow2(nc), 4096 // block_cols))
-        _patch_attn_ranges_kernel[(B * nr,)](seg, rng, N, nr, nc, seg.stride(0), seg.stride(1),
-                                             BLOCK_R=block_rows, BLOCK_C=block_cols, CHUNK=chunk)
+        launch(_patch_attn_ranges_kernel, (B * nr,), seg, rng, N, nr, nc, seg.stride(0), seg.stride(1),
+               BLOCK_R=block_rows, BLOCK_C=block_cols, CHUNK=chunk, SEG64=seg.dtype == torch.int64)
     return rng
-
-
-def _acc_dtype(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _lse_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _flags(dtype):
@@ -469,7 +533,7 @@ def _patch_attn_fwd(q, k, v, segment_ids, scale):
     """Launch the forward; returns (out (B,H,N,D) contiguous, lse (B,H,N) fp32 (fp64 for fp64), base 2)."""
     B, H, N, D = q.shape
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, N), dtype=_lse_dtype(q.dtype), device=q.device)
+    lse = torch.empty((B, H, N), dtype=acc_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
         return out, lse
     check_index_range("q", B * H * N * max(D, 1), 2**62)
@@ -481,32 +545,31 @@ def _patch_attn_fwd(q, k, v, segment_ids, scale):
         seg = segment_ids
         rng = _block_ranges(seg, BM, BN)
     else:
-        seg = torch.zeros((1, 1), dtype=torch.int32, device=q.device)
-        rng = torch.zeros((1, 2), dtype=torch.int32, device=q.device)
+        seg = rng = torch.empty((1, 2), dtype=torch.int32, device=q.device)   # never read (HAS_SEG False)
     upcast, ieee = _flags(q.dtype)
-    _patch_attn_fwd_kernel[(nm * B * H,)](
+    launch(_patch_attn_fwd_kernel, (nm * B * H,),
         q, k, v, seg, rng, out, lse, N, D, H, nm, float(scale) * LOG2E,
         *_strides4(q), *_strides4(k), *_strides4(v), seg.stride(0), seg.stride(1),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=block_d, HAS_SEG=has_seg, EVEN_N=N % BN == 0, UPCAST=upcast, IEEE=ieee,
-        ACC=_acc_dtype(q.dtype), num_warps=warps, num_stages=stages)
+        ACC=tl_dtype(acc_dtype(q.dtype)), num_warps=warps, num_stages=stages)
     return out, lse
 
 
 def _patch_attn_bwd(do, q, k, v, out, lse, segment_ids, scale):
     """Launch the backward; returns (dq, dk, dv), each (B,H,N,D) contiguous in q's dtype."""
     B, H, N, D = q.shape
-    dq = torch.zeros((B, H, N, D), dtype=q.dtype, device=q.device)
-    dk = torch.zeros_like(dq)
-    dv = torch.zeros_like(dq)
+    dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)   # every element is written by a kernel
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
     if dq.numel() == 0:
         return dq, dk, dv
     block_d = _head_block(D)
-    acc = _acc_dtype(q.dtype)
+    acc = tl_dtype(acc_dtype(q.dtype))
     upcast, ieee = _flags(q.dtype)
     BM0 = 64
     nm0 = triton.cdiv(N, BM0)
-    delta = torch.empty((B, H, N), dtype=_lse_dtype(q.dtype), device=q.device)
-    _patch_attn_bwd_preprocess_kernel[(nm0 * B * H,)](
+    delta = torch.empty((B, H, N), dtype=acc_dtype(q.dtype), device=q.device)
+    launch(_patch_attn_bwd_preprocess_kernel, (nm0 * B * H,),
         out, do, delta, N, D, nm0, *_strides4(do), H, BLOCK_M=BM0, BLOCK_D=block_d, ACC=acc)
     BM, BN, warps, stages = _bwd_config(block_d, q.dtype, interpreting())
     has_seg = segment_ids is not None
@@ -516,15 +579,14 @@ def _patch_attn_bwd(do, q, k, v, out, lse, segment_ids, scale):
         rng_kv = _block_ranges(seg, BN, BM)  # key block -> query blocks
         rng_q = rng_kv if BM == BN else _block_ranges(seg, BM, BN)  # query block -> key blocks
     else:
-        seg = torch.zeros((1, 1), dtype=torch.int32, device=q.device)
-        rng_kv = rng_q = torch.zeros((1, 2), dtype=torch.int32, device=q.device)
+        seg = rng_kv = rng_q = torch.empty((1, 2), dtype=torch.int32, device=q.device)   # never read
     qk_scale = float(scale) * LOG2E
     common = (*_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do), seg.stride(0), seg.stride(1))
     meta = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=block_d, HAS_SEG=has_seg, EVEN_N=N % BN == 0, UPCAST=upcast,
                 IEEE=ieee, ACC=acc, num_warps=warps, num_stages=stages)  # EVEN_N: no key tail in either kernel
-    _patch_attn_bwd_dkdv_kernel[(nn * B * H,)](
+    launch(_patch_attn_bwd_dkdv_kernel, (nn * B * H,),
         q, k, v, seg, rng_kv, do, lse, delta, dk, dv, N, D, H, nn, qk_scale, float(scale), *common, **meta)
-    _patch_attn_bwd_dq_kernel[(nm * B * H,)](
+    launch(_patch_attn_bwd_dq_kernel, (nm * B * H,),
         q, k, v, seg, rng_q, do, lse, delta, dq, N, D, H, nm, qk_scale, float(scale), *common, **meta)
     return dq, dk, dv
 
@@ -534,14 +596,14 @@ def _patch_attn_bwd(do, q, k, v, out, lse, segment_ids, scale):
 @torch.library.custom_op("nano4d::patch_attention", mutates_args=())
 def _patch_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor | None,
                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Registered Triton op: returns (out, lse); ``segment_ids`` None or int32 (B, N)."""
+    """Registered Triton op: returns (out, lse); ``segment_ids`` None or int32 / int64 (B, N)."""
     return _patch_attn_fwd(q, k, v, segment_ids, scale)
 
 
 @_patch_attention_op.register_fake
 def _(q, k, v, segment_ids, scale):
     B, H, N, D = q.shape
-    return q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=_lse_dtype(q.dtype))
+    return q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("nano4d::patch_attention_backward", mutates_args=())
@@ -585,7 +647,7 @@ def _validate(q, k, v, segment_ids, scale):
     check_tensor("k", k, shape=(B, H, N, D), dtypes=(q.dtype,))
     check_tensor("v", v, shape=(B, H, N, D), dtypes=(q.dtype,))
     check_same_device(q=q, k=k, v=v)
-    if not 1 <= D <= MAX_HEAD_DIM and q.numel() > 0:
+    if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"q: head dim D={D} not supported (1 <= D <= {MAX_HEAD_DIM})")
     if segment_ids is not None:
         if not isinstance(segment_ids, torch.Tensor):
@@ -593,10 +655,6 @@ def _validate(q, k, v, segment_ids, scale):
         if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex or segment_ids.dtype == torch.bool:
             raise ValueError(f"segment_ids: dtype {segment_ids.dtype} must be an integer type")
         check_tensor("segment_ids", segment_ids, shape=(B, N), device=q.device)
-        if segment_ids.numel() and segment_ids.dtype == torch.int64 and not segment_ids.is_cuda:
-            lo, hi = int(segment_ids.min()), int(segment_ids.max())  # CPU only: no device sync on GPU
-            if lo < -2**31 or hi >= 2**31:
-                raise ValueError("segment_ids: values must fit in int32")
     if scale is not None:
         if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise ValueError(f"scale: expected a finite Python number or None, got {scale!r}")
@@ -614,5 +672,10 @@ def patch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_i
     scale = D ** -0.5 if scale is None else float(scale)
     if not use_triton(q, k, v):
         return patch_attention_ref(q, k, v, segment_ids, scale)
-    seg = None if segment_ids is None else segment_ids.to(torch.int32)
+    seg = segment_ids
+    if seg is not None and seg.dtype not in (torch.int32, torch.int64):   # the kernels read int32 / int64 ids
+        seg = seg.to(torch.int32)
     return _patch_attention_op(q, k, v, seg, scale)[0]
+
+
+patch_attn = patch_attention   # the op under its file's name

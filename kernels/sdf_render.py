@@ -517,11 +517,12 @@ def sdf_gradient_ref(volume_sdf: torch.Tensor, points: torch.Tensor, create_grap
 BLOCK_F = 32   # feature chunk: MIM4D's 32 features are one chunk
 
 
-def _pick_blocks(gpu: bool | None = None):
-    """(BLOCK_R, BLOCK_F, num_warps): one GPU configuration (32 rays x 32 channels); the interpreter
-    (~0.4 ms per program) gets bigger ray blocks."""
+def _pick_blocks(gpu: bool | None = None, bwd: bool = False):
+    """(BLOCK_R, BLOCK_F, num_warps): one GPU configuration (32 rays x 32 channels; the backward with 8
+    warps: with 4 its ~250 live registers per thread spill); the interpreter (~0.4 ms per program) gets
+    bigger ray blocks."""
     gpu = not interpreting() if gpu is None else gpu
-    return (32 if gpu else 128), BLOCK_F, 4
+    return (32 if gpu else 128), BLOCK_F, (8 if bwd and gpu else 4)
 
 
 def _volume(volume):
@@ -584,7 +585,7 @@ def _render_sdf_bwd(g_feat, g_depth, g_opac, volume, origins, dirs, t_vals, inv_
     nr = B * R
     if nr > 0:
         g_feat = g_feat.contiguous() if nf > 0 else torch.zeros(B, R, 1, dtype=cdt, device=dev)
-        BR, BF, nw = _pick_blocks()
+        BR, BF, nw = _pick_blocks(bwd=True)
         launch(_sdf_render_bwd_kernel, (triton.cdiv(nr, BR),),
                vol, origins, dirs, t_vals, inv_s.reshape(1), nsec.contiguous(), tlast.contiguous(),
                g_feat, g_depth.contiguous(), g_opac.contiguous(),

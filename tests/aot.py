@@ -114,6 +114,7 @@ def capture_launches(gpu_config: bool = True, run=None):
 
     saved = [(cls, cls.__dict__["run"]) for cls in (JITFunction, InterpretedFunction)]
     originals = dict(saved)
+    env = os.environ.get("TRITON_INTERPRET")
 
     def record(self, *args, grid, warmup, **kwargs):
         if warmup:
@@ -123,11 +124,19 @@ def capture_launches(gpu_config: bool = True, run=None):
         launches.append(Launch(mod, path, name, tuple(int(v) for v in g), tuple(_describe(a) for a in args),
                                {k: _describe(v) for k, v in kwargs.items()}))
         if run is not None and run(name):
-            return originals[type(self) if type(self) in originals else JITFunction](
-                self, *args, grid=grid, warmup=warmup, **kwargs)
+            inner = os.environ.get("TRITON_INTERPRET")
+            if env is None:                    # the kernel runs under the session's own setting
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = env
+            try:
+                return originals[type(self) if type(self) in originals else JITFunction](
+                    self, *args, grid=grid, warmup=warmup, **kwargs)
+            finally:
+                if inner is not None:
+                    os.environ["TRITON_INTERPRET"] = inner
         return None
 
-    env = os.environ.get("TRITON_INTERPRET")
     try:
         for cls, _ in saved:
             cls.run = record

@@ -56,8 +56,12 @@ def test_validation_messages_name_the_argument():
 
 def test_block_heuristic():
     assert _common.next_pow2(1) == 1 and _common.next_pow2(24) == 32 and _common.next_pow2(64) == 64
-    assert _common.pick_block(5, lo=16, hi=128) == 16
-    assert _common.pick_block(1000, lo=16, hi=128) == 128
+
+
+def test_accumulation_dtype_helper():
+    assert _common.acc_dtype(torch.zeros(1, dtype=torch.bfloat16), torch.float16) == torch.float32
+    assert _common.acc_dtype(torch.zeros(1), torch.zeros(1, dtype=torch.float64)) == torch.float64
+    assert _common.tl_dtype(torch.float32) == tl.float32 and _common.tl_dtype(torch.float64) == tl.float64
 
 
 @triton.jit
@@ -76,3 +80,63 @@ def test_interpreter_runs_kernels_on_cpu():
     out = torch.empty_like(x)
     _axpy_kernel[(triton.cdiv(300, 128),)](x, y, out, 2.0, 300, BLOCK=128)
     torch.testing.assert_close(out, 2 * x + y)
+
+
+class _OnCuda1(torch.Tensor):
+    """A CPU tensor that reports cuda:1, to see which device the launch helper enters."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 1)
+
+
+def test_launch_enters_the_tensors_device_and_sets_fp_fusion(monkeypatch):
+    entered = []
+
+    class _Guard:
+        def __init__(self, dev):
+            entered.append(dev)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    launched = []
+
+    class _Kernel:
+        def __getitem__(self, grid):
+            return lambda *a, **k: launched.append((grid, a, k))
+
+    monkeypatch.setattr(torch.cuda, "device", _Guard)
+    monkeypatch.delenv("TRITON_DEFAULT_FP_FUSION", raising=False)
+    x = torch.zeros(3).as_subclass(_OnCuda1)
+    _common.launch(_Kernel(), (2,), 7, x, BLOCK=4)
+    assert entered == [torch.device("cuda", 1)] and launched == [((2,), (7, x), {"BLOCK": 4})]
+    assert os.environ["TRITON_DEFAULT_FP_FUSION"] == "1"
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")      # a user's explicit choice is kept
+    _common.launch(_Kernel(), (1,), torch.zeros(1))
+    assert os.environ["TRITON_DEFAULT_FP_FUSION"] == "0" and len(entered) == 1
+
+
+def test_kernel_files_share_one_skeleton():
+    """File name = op name (or an alias in the file), nano4d::<op> / nano4d::<op>_backward, *_ptr pointers."""
+    import importlib
+    import inspect
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+    for mod_name, op in (("deform_attn", "deform_attn"), ("patch_attn", "patch_attention"),
+                         ("sdf_render", "render_sdf")):
+        mod = importlib.import_module(f"kernels.{mod_name}")
+        assert getattr(mod, mod_name) is getattr(mod, op)
+        assert hasattr(torch.ops.nano4d, op) and hasattr(torch.ops.nano4d, op + "_backward")
+        for name, obj in vars(mod).items():
+            if isinstance(obj, (JITFunction, InterpretedFunction)) and name.endswith("_kernel"):
+                params = inspect.signature(obj.fn).parameters
+                ptrs = [p for p in params if p.endswith("_ptr")]
+                assert ptrs, name
+                assert not [p for p in params if p.isupper() and not p.startswith(("BLOCK", "ACC"))
+                            and p not in ("D", "M", "N", "P", "Q", "H", "S", "R", "X", "Y", "Z", "NR", "NF",
+                                          "VEC", "IDX64", "HAS_SEG", "EVEN_N", "UPCAST", "IEEE", "CDT", "CHUNK",
+                                          "SEG64")], name

@@ -447,10 +447,13 @@ def test_sdf_gradient_ref_linear_field_and_double_backward():
 
 # ----------------------------------------------------------------------------- ahead-of-time compile
 
-def _aot_launches(vol_dtype=torch.float32, C=33):
+def _aot_launches(vol_dtype=torch.float32, C=33, channels_last=False):
     """The launches of one forward + backward through the public op (GPU block sizes; nothing runs)."""
     from tests.aot import capture_launches
-    vol = torch.randn(1, C, 4, 5, 6, dtype=vol_dtype).requires_grad_()
+    vol = torch.randn(1, C, 4, 5, 6, dtype=vol_dtype)
+    if channels_last:
+        vol = vol.contiguous(memory_format=torch.channels_last_3d)
+    vol.requires_grad_()
     o = torch.zeros(1, 64, 3).requires_grad_()
     d = torch.ones(1, 64, 3).requires_grad_()
     t = torch.linspace(0, 1, 12).expand(1, 64, 12).contiguous().requires_grad_()
@@ -461,14 +464,23 @@ def _aot_launches(vol_dtype=torch.float32, C=33):
     return launches
 
 
-def test_aot_compile_gpu_config():
-    """The launcher's GPU configuration, compiled as the JIT would, for sm_90 and sm_80."""
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_aot_compile_gpu_config(layout):
+    """The launcher's GPU configuration, compiled as the JIT would, for sm_90 and sm_80: no register
+    spills, relaxed atomics, for the contiguous and the channels-last volume (MIM4D's 33 channels)."""
+    import re
     from tests.aot import aot_compile_launch
-    launches = _aot_launches()
+    launches = _aot_launches(channels_last=layout == "channels_last")
     assert [x.name for x in launches] == ["_sdf_render_fwd_kernel", "_sdf_render_bwd_kernel"]
     for launch in launches:
-        for arch, c in aot_compile_launch(launch).items():
-            print(f"sdf_render {launch.name} {launch.kwargs} sm_{arch}: shared {c.metadata.shared} B")
+        for arch, c in aot_compile_launch(launch, targets=(90,) if layout == "channels_last" else (90, 80),
+                                          stats=True).items():
+            md = c.metadata
+            print(f"sdf_render {launch.name} {launch.kwargs} sm_{arch}: shared {md.shared} B, {md.regs} regs, "
+                  f"spills {md.spill_stores}/{md.spill_loads} B")
+            assert md.spill_stores == 0 and md.spill_loads == 0, (launch.name, arch)
+            atomics = re.findall(r"\b(?:red|atom)\.[\w.]+", c.asm["ptx"])
+            assert all(".relaxed" in a for a in atomics), atomics
 
 
 @pytest.mark.slow
@@ -496,3 +508,23 @@ def test_gpu_real_sizes(case, vol_dtype):
     s = torch.tensor(20.0, dtype=torch.float64)
     inputs = [x.cuda() for x in (vol.double(), o, d, t, s)]
     check_vs_reference(inputs, vol_dtype=vol_dtype, ray_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("force", ["1", "0"], ids=["kernel", "reference"])
+def test_torch_compile_fullgraph_forward_backward(force, monkeypatch):
+    """torch.compile(fullgraph=True) traces forward and backward without a graph break on both paths
+    (the value checks are skipped while tracing; aot_eager keeps the test cheap)."""
+    monkeypatch.setenv("NANO4D_FORCE_TRITON", force)
+    inp = [x.float().requires_grad_() for x in inputs_for(1, 6, 5, 3, 2, 3, 4, 8.0, 3)]
+
+    def loss(*a):
+        f, d, o = render_sdf(*a)
+        return f.square().sum() + d.sum() + o.sum()
+    torch._dynamo.reset()
+    got = torch.compile(loss, fullgraph=True, backend="aot_eager")(*inp)
+    g = torch.autograd.grad(got, inp)
+    want = loss(*inp)
+    gw = torch.autograd.grad(want, inp)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(g, gw):
+        torch.testing.assert_close(a, b)
