@@ -28,7 +28,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import Dataset
 
@@ -218,9 +217,8 @@ def make_batch(objs, tc: TrainConfig, max_inputs: int, size: int, device) -> dic
 
 @torch.no_grad()
 def evaluate(model, objs, tc: TrainConfig, stage: str, lpips_fn, n_inputs=None, preview=None):
-    """Novel-view metrics on this rank's held-out objects through the front door, averaged over all ranks.
-    Inputs: the first ``n_inputs`` views; targets: the last ``novel_views`` views, on white. Also the mean-colour
-    baseline (each target predicted as its own mean colour) and occupancy IoU."""
+    """Novel-view metrics of held-out objects through the front door, averaged over ranks: inputs = the first
+    ``n_inputs`` views, targets = the last ``novel_views`` (on white); mean-colour baseline; occupancy IoU."""
     with U.rng_isolated():
         return _evaluate(model, objs, tc, stage, lpips_fn, n_inputs, preview)
 
@@ -262,8 +260,7 @@ def _evaluate(model, objs, tc, stage, lpips_fn, n_inputs, preview):
         dist.all_reduce(sums)
     model.train(was)
     if preview is not None and U.is_main() and rows:
-        U.save_image_grid(preview, [upscale(r) for r in rows],
-                          labels=["inputs", "renders", "targets", "alpha", "depth"] * (len(rows) // 5))
+        U.save_image_grid(preview, rows, min_size=96, labels=["inputs", "renders", "targets", "alpha", "depth"] * (len(rows) // 5))
     n, nv = max(sums[1].item(), 1), max(sums[1].item() * T, 1)
     res = {"occ_iou": sums[0].item() / n}
     if stage != "proposal":
@@ -272,12 +269,6 @@ def _evaluate(model, objs, tc, stage, lpips_fn, n_inputs, preview):
         if lpips_fn is not None:
             res.update(lpips=sums[4].item() / nv, base_lpips=sums[7].item() / nv)
     return res
-
-
-def upscale(images, min_size: int = 96):
-    """Nearest-neighbour enlargement of tiny renders for viewing."""
-    f = max(1, math.ceil(min_size / images.shape[-1]))
-    return F.interpolate(images.float().cpu(), scale_factor=f, mode="nearest") if f > 1 else images
 
 
 @torch.no_grad()
@@ -294,12 +285,11 @@ def turntable(g: Gaussians, K, res: int, n: int, distance: float, elevation_deg:
 
 
 def export(g: Gaussians, path: str, K, res: int, n: int, distance: float, sh_degree: int = 0, inputs=None) -> tuple:
-    """``.ply`` + a turntable strip (K: intrinsics at ``res`` pixels) + the input views as ``*.cameras.npz`` for
-    ``python -m nano4d.view`` (``inputs``: (images, c2w, K) or None)."""
+    """``.ply`` + turntable strip (K at ``res`` px) + input views (images, c2w, K) as .cameras.npz for nano4d.view."""
     m = save_ply(path, *g, sh_degree=sh_degree)
     if inputs is not None:
         save_cameras(path[:-len(".ply")] + ".cameras.npz", *inputs)
-    strip = U.save_image_grid(path.replace(".ply", "_turntable.png"), [upscale(turntable(g, K, res, n, distance))])
+    strip = U.save_image_grid(path.replace(".ply", "_turntable.png"), [turntable(g, K, res, n, distance)], min_size=96)
     return m, strip
 
 

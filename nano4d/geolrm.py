@@ -94,43 +94,43 @@ import kernels
 @dataclasses.dataclass
 class GeoLRMConfig:
     # image encoder (DINOv2 layout; paper: dinov2-base at 448 px)
-    img_size: int = 448
-    patch_size: int = 14
-    enc_dim: int = 768
-    enc_depth: int = 12
-    enc_heads: int = 12
-    enc_mlp_ratio: float = 4.0
+    img_size: int = 448             # input image side in pixels (square; paper 448, the official inference script 560)
+    patch_size: int = 14            # ViT patch size of the image encoder
+    enc_dim: int = 768              # image-encoder width (dinov2-base: 768)
+    enc_depth: int = 12             # image-encoder blocks
+    enc_heads: int = 12             # image-encoder attention heads
+    enc_mlp_ratio: float = 4.0      # image-encoder MLP hidden / width
     enc_pos_grid: int = 37              # learned position-embedding grid (DINOv2: 518 / 14)
-    enc_layerscale: float = 1.0
+    enc_layerscale: float = 1.0     # initial LayerScale value of the image encoder (DINOv2's checkpoint overrides it)
     feat_dim: int = 384                 # channels of both feature levels
     # occupancy / proposal network
     occ_res: int = 128                  # R: occupancy cells per axis over [-0.5, 0.5]^3
     prop_grid: int = 16                 # G: proposal tokens per axis (each unfolds to (R/G)^3 cells)
-    prop_dim: int = 384
-    prop_depth: int = 6
-    prop_heads: int = 16
+    prop_dim: int = 384             # proposal-transformer width
+    prop_depth: int = 6             # proposal-transformer blocks
+    prop_heads: int = 16            # proposal-transformer attention heads
     prop_dropout: float = 0.0           # dropout in the proposal blocks (official: 0.1; see the docstring)
     # reconstruction network
-    dim: int = 768
-    depth: int = 16
-    heads: int = 16
+    dim: int = 768                  # reconstruction-transformer width
+    depth: int = 16                 # reconstruction-transformer blocks
+    heads: int = 16                 # reconstruction-transformer heads (head dim must be divisible by 6 for the 3-D RoPE)
     max_tokens: int = 4096              # anchors per object in training
     max_tokens_infer: int = 8192        # ... and at inference
-    gaussians_per_token: int = 32
-    offset_max: float = 0.2
-    scale_max: float = 0.02
+    gaussians_per_token: int = 32   # Gaussians decoded from each anchor token
+    offset_max: float = 0.2         # largest offset of a Gaussian from its anchor (object units)
+    scale_max: float = 0.02         # largest Gaussian scale (object units)
     # geometry-aware blocks
     n_points: int = 8                   # deformable sampling points per head and level
     offset_init: float = 1.0            # initial spacing of the sampling points, in feature-map pixels
-    ffn_multiple_of: int = 256
-    rope_base: float = 10000.0
-    grad_checkpoint: bool = False
+    ffn_multiple_of: int = 256      # SwiGLU hidden size is rounded up to a multiple of this
+    rope_base: float = 10000.0      # 3-D RoPE frequency base
+    grad_checkpoint: bool = False   # recompute the reconstruction blocks in backward (saves memory; the paper recipe turns it on)
     # loss weights (reconstruction stage; proposal: BCE + affinity)
-    w_rgb: float = 1.0
-    w_lpips: float = 2.0
-    w_alpha: float = 1.0
-    w_depth: float = 0.2
-    w_tv: float = 0.05
+    w_rgb: float = 1.0              # weight of the RGB MSE (on [-1, 1])
+    w_lpips: float = 2.0            # weight of LPIPS (VGG)
+    w_alpha: float = 1.0            # weight of the alpha MSE
+    w_depth: float = 0.2            # weight of the edge-aware log-L1 depth loss
+    w_tv: float = 0.05              # weight of the total-variation loss on rendered depth
     # the official code's behaviour (see module docstring)
     official_fp32_attention: bool = False
     official_keep_padding: bool = False

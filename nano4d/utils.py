@@ -21,6 +21,7 @@ import tokenize
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -492,13 +493,15 @@ def _fmt_time(s: float) -> str:
 # ============================================================================ image grids
 
 
-def image_grid(images, nrow: int | None = None, pad: int = 2) -> torch.Tensor:
+def image_grid(images, nrow: int | None = None, pad: int = 2, min_size: int = 0) -> torch.Tensor:
     """Images -> one (3, H, W) canvas in [0, 1] on white. ``images``: (N, C, H, W) tensor in [0, 1] (C = 1 or 3),
     ``nrow`` per row, or a list of rows, each a (n, C, H, W) tensor (rows may differ in image size; cells are
-    padded)."""
+    padded). Rows narrower than ``min_size`` pixels are enlarged by an integer factor (nearest neighbour)."""
     rows = [images[i:i + (nrow or len(images))] for i in range(0, len(images), nrow or len(images))] \
         if torch.is_tensor(images) else list(images)
     rows = [r.detach().float().cpu().clamp(0, 1) for r in rows]
+    rows = [F.interpolate(r, scale_factor=-(-min_size // r.shape[-1]), mode="nearest") if r.shape[-1] < min_size
+            else r for r in rows]
     rows = [r.expand(-1, 3, -1, -1) if r.shape[1] == 1 else r[:, :3] for r in rows]
     cw = max(r.shape[-1] for r in rows) + pad
     ch = max(r.shape[-2] for r in rows) + pad
@@ -537,10 +540,10 @@ def colorize(x, lo: float | None = None, hi: float | None = None) -> torch.Tenso
     return torch.stack(rgb, 1)
 
 
-def save_image_grid(path: str, images, nrow: int | None = None, pad: int = 2, labels=None) -> str:
-    """Save ``image_grid(images, nrow, pad)`` as a PNG (written atomically). ``labels``: one text per row,
+def save_image_grid(path: str, images, nrow: int | None = None, pad: int = 2, labels=None, min_size: int = 0) -> str:
+    """Save ``image_grid(images, nrow, pad, min_size)`` as a PNG (written atomically). ``labels``: one text per row,
     drawn in a left margin (e.g. ``["inputs", "renders", "targets", "alpha", "depth"]``). Returns ``path``."""
-    arr = (image_grid(images, nrow, pad).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    arr = (image_grid(images, nrow, pad, min_size).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
     img = Image.fromarray(arr)
     if labels:
         nrows = len(labels)
