@@ -14,7 +14,8 @@ Per kernel it prints ``ptxas -v`` registers, spill stores / loads, stack, shared
 innermost loop) with, inside that loop, global loads (vector ones: 64/128-bit), local-memory accesses
 (spills), atomics, MUFU (hardware transcendental) and 64-bit integer instructions (``.X`` carries and
 ``IMAD.WIDE``: index math in int64); from the PTX the atomics and how many of them are ``.relaxed``.
-Big inputs are ``torch.empty`` (never touched: the launches do not run), so model sizes cost little memory.
+The first table also lists the torch-level copies and fills of at least 2^20 elements that a call makes
+around its kernels (layout copies, zero-filled buffers; from the CPU profiler). Big inputs are ``torch.empty`` (never touched: the launches do not run), so model sizes cost little memory.
 """
 from __future__ import annotations
 
@@ -115,17 +116,37 @@ RUN_FOR_REAL = ("_splat_project_fwd_kernel",)     # results feed host-side binni
 
 # ----------------------------------------------------------------------------- capture
 
+BIG = 1 << 20          # elements: a torch-level copy / fill at least this big is listed per call
+_MOVES = ("aten::copy_", "aten::cat", "aten::zero_")   # zero_ = a zero-filled buffer
+
+
+def big_moves(prof) -> str:
+    """Whole-tensor copies / fills (>= BIG elements) that the launchers make with torch ops, e.g. a layout
+    copy of the input or a zero-filled output, as ``name xcount``."""
+    counts = {}
+    for e in prof.events():
+        if e.name in _MOVES and e.input_shapes and e.input_shapes[0]:
+            n = 1
+            for d in e.input_shapes[0]:
+                n *= d
+            if n >= BIG:
+                counts[e.name[6:]] = counts.get(e.name[6:], 0) + 1
+    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) or "-"
+
+
 def capture(fn, leaves):
-    """(launches, host syncs in the forward, host syncs in the backward) of one public call."""
+    """(launches, host syncs fwd, host syncs bwd, big torch copies/fills fwd, bwd) of one public call."""
+    from torch.profiler import ProfilerActivity, profile
     with capture_launches(run=lambda name: name in RUN_FOR_REAL) as launches:
-        with count_host_syncs() as fwd_syncs:
+        with count_host_syncs() as fwd_syncs, profile(activities=[ProfilerActivity.CPU], record_shapes=True) as pf:
             out = fn()
         outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o.requires_grad]
-        with count_host_syncs() as bwd_syncs:
-            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        grads = [torch.ones_like(o) for o in outs]
+        with count_host_syncs() as bwd_syncs, profile(activities=[ProfilerActivity.CPU], record_shapes=True) as pb:
+            torch.autograd.backward(outs, grads)
     for t in leaves:
         t.grad = None
-    return launches, fwd_syncs, bwd_syncs
+    return launches, fwd_syncs, bwd_syncs, big_moves(pf), big_moves(pb)
 
 
 # ----------------------------------------------------------------------------- SASS / PTX analysis
@@ -150,7 +171,7 @@ def sass_stats(cubin: bytes) -> dict:
     loops = []
     for i, (a, t) in enumerate(ins):
         m = re.search(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", t)
-        if m and int(m.group(1), 16) <= a:
+        if m and int(m.group(1), 16) < a:          # (the kernel's trailing `BRA self` is no loop)
             lo = min(range(len(addr)), key=lambda j: abs(addr[j] - int(m.group(1), 16)))
             loops.append((lo, i))
     inner = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
@@ -178,21 +199,24 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated of {','.join(OPS)}")
     ap.add_argument("--archs", default="90,80", help="comma-separated CUDA archs (default 90,80)")
+    ap.add_argument("--no-compile", action="store_true", help="only the host-sync / copy table (seconds)")
     args = ap.parse_args()
     archs = tuple(int(a) for a in args.archs.split(","))
     import triton
     print(f"# static kernel profile  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"torch {torch.__version__}; triton {triton.__version__}; archs {archs}; no GPU needed\n")
     print("Host syncs per public call (forward / backward):\n")
-    print("| case | path | fwd syncs | bwd syncs | where |")
-    print("|---|---|---|---|---|")
+    print("| case | path | fwd syncs | bwd syncs | where | torch copies/fills >= 1M elements fwd | bwd |")
+    print("|---|---|---|---|---|---|---|")
     launches_by_case = {}
     for op in args.ops.split(","):
         for label, path, fn, leaves in OPS[op]():
-            launches, fs, bs = capture(fn, leaves)
+            launches, fs, bs, mf, mb = capture(fn, leaves)
             where = "; ".join(sorted({c.split(" at ")[-1].replace(ROOT + "/", "") for c in fs.calls + bs.calls}))
-            print(f"| {label} | {path} | {fs.count} | {bs.count} | {where or '-'} |", flush=True)
+            print(f"| {label} | {path} | {fs.count} | {bs.count} | {where or '-'} | {mf} | {mb} |", flush=True)
             launches_by_case.setdefault(label, launches)
+    if args.no_compile:
+        return
     print("\nKernels (sm_90 unless a column says sm_80; loop = the largest innermost SASS loop):\n")
     cols = ["case", "kernel", "warps", "regs", "spill st/ld B", "stack B", "shared B", "SASS", "loop",
             "LDG (vec)", "LDL/STL", "atomics (relaxed PTX)", "MUFU", "64-bit int"]

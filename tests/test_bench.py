@@ -93,3 +93,23 @@ def test_bench_splat():
             _pos(r[col])
         assert r[4] == r[5] == "nan"   # peak memory: no CUDA allocator on CPU
     assert "intersections" in out
+
+
+def test_static_profile_reads_loops_loads_and_atomics():
+    """bench/static.py's SASS/PTX reading on a kernel with a known shape: one loop holding vector loads
+    and relaxed atomics, no local memory."""
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import static
+    from tests.aot import aot_compile_launch, capture_launches
+    from tests.test_aot import _scale_kernel
+    x = torch.empty(16384, device="meta")
+    with capture_launches() as launches:
+        _scale_kernel[(16,)](x, x, 16384, BLOCK=1024)
+    c = aot_compile_launch(launches[0], targets=(90,), stats=True)[90]
+    s = static.sass_stats(c.asm["cubin"])
+    assert s["sass"] > 0 and s["ldg_vec"] >= 1 and s["local"] == 0
+    assert static.ptx_atomics(c.asm["ptx"]) == (0, 0)
+    assert static.ptx_atomics("\t@%p1 red.relaxed.gpu.global.add.f32 [%rd1], %r1;\n\tatom.global.add.f32 %r2, [%rd2], %r3;"
+                              ) == (2, 1)
