@@ -241,71 +241,101 @@ def _splat_project_bwd_kernel(means_ptr, quats_ptr, scales_ptr, view_ptr, k_ptr,
 
 
 @triton.jit
+def _tile_pixels(pid, TW, NT, H, W, TILE: tl.constexpr, R: tl.constexpr, ACC: tl.constexpr):
+    """The R tiles pid·R .. pid·R+R−1 of one image as (R, TILE²) pixel rows/columns (i, j), their pixel
+    centres and an inside-the-image mask, and the tile ids (R,) with their validity."""
+    t = pid * R + tl.arange(0, R)
+    tok = t < NT
+    p = tl.arange(0, TILE * TILE)
+    i = ((t // TW) * TILE)[:, None] + (p // TILE)[None, :]
+    j = ((t % TW) * TILE)[:, None] + (p % TILE)[None, :]
+    inside = tok[:, None] & (i < H) & (j < W)
+    return t, tok, i, j, inside, j.to(ACC) + 0.5, i.to(ACC) + 0.5
+
+
+# Sum / max reductions as tl.reduce with Triton's own combine functions: the same code as tl.sum / tl.max
+# on the GPU, but the interpreter maps them straight to numpy instead of interpreting a nested jit call
+# (~1 ms each, in loops that run once per Gaussian).
+_SUM = tl.standard._sum_combine
+_MAX = tl.standard._elementwise_max
+
+
+@triton.jit
+def _gaussian_at_pixels(ids_ptr, m2d_ptr, con_ptr, dep_ptr, opa_ptr, k, ok, bv, b, N, pxf, pyf, ACC: tl.constexpr):
+    """Gaussian ids[k] of each tile (k and ok: (R,)) of view bv at the tiles' pixels ((R, TILE²)): its
+    index in the view, conic (a, b, c), depth and opacity ((R,) each), and per pixel dx, dy, e^{−σ}, the
+    unclamped and the clamped α, and "α ≥ 1/255 and σ ≥ 0 and ok". Forward and backward run this same
+    code, so both see bit-identical α and tests. σ is evaluated as −σ·log2(e) for the hardware exp2."""
+    nl2e: tl.constexpr = -1.4426950408889634
+    gid = tl.load(ids_ptr + k, mask=ok, other=0).to(tl.int64)
+    gb = bv * N + gid
+    mx = tl.load(m2d_ptr + gb * 2 + 0, mask=ok, other=0).to(ACC)
+    my = tl.load(m2d_ptr + gb * 2 + 1, mask=ok, other=0).to(ACC)
+    ca = tl.load(con_ptr + gb * 3 + 0, mask=ok, other=0).to(ACC)
+    cb = tl.load(con_ptr + gb * 3 + 1, mask=ok, other=0).to(ACC)
+    cc = tl.load(con_ptr + gb * 3 + 2, mask=ok, other=0).to(ACC)
+    zz = tl.load(dep_ptr + gb, mask=ok, other=0).to(ACC)
+    op = tl.load(opa_ptr + b * N + gid, mask=ok, other=0).to(ACC)
+    ha, hb, hc = (ca * (0.5 * nl2e))[:, None], (cb * nl2e)[:, None], (cc * (0.5 * nl2e))[:, None]
+    dx = pxf - mx[:, None]
+    dy = pyf - my[:, None]
+    ns = dx * (ha * dx + hb * dy) + hc * dy * dy
+    ex = tl.exp2(ns)
+    araw = op[:, None] * ex
+    al = tl.minimum(araw, 0.99)
+    return gid, ca, cb, cc, zz, op, dx, dy, ex, araw, al, (al >= 1.0 / 255.0) & (ns <= 0) & ok[:, None]
+
+
+@triton.jit
 def _splat_raster_fwd_kernel(m2d_ptr, con_ptr, dep_ptr, opa_ptr, col_ptr, bg_ptr, off_ptr, ids_ptr,
                              out_c_ptr, out_a_ptr, out_d_ptr, out_t_ptr, last_ptr,
                              N, V, C, H, W, TW, NT,
-                             TILE: tl.constexpr, G: tl.constexpr, CB: tl.constexpr, ACC: tl.constexpr):
-    """One program per (tile, scene·view, channel block). Gaussians of the tile in chunks of G, front to
-    back: α (G × TILE²), transmittance by a cumsum of log(1−α), colours by a dot; exits once every
-    pixel of the tile is done. Writes T and the last contributor (count from the range start)."""
-    pid_t = tl.program_id(0)
+                             TILE: tl.constexpr, R: tl.constexpr, CB: tl.constexpr, CHUNK: tl.constexpr,
+                             ACC: tl.constexpr):
+    """One program per (R tiles, scene·view, channel block); R = 1 on the GPU (more under the interpreter,
+    where each loop step costs the same for 1 or 64 tiles). Each tile's Gaussians one at a time, front
+    to back (T updated by a product, colours by CB multiply-adds per pixel); every CHUNK Gaussians the
+    program exits once every pixel is done. Writes T and the last contributor (count from the range
+    start) for the backward."""
     bv = tl.program_id(1).to(tl.int64)
     pid_c = tl.program_id(2)
     b = bv // V
-    p = tl.arange(0, TILE * TILE)
-    i = (pid_t // TW) * TILE + p // TILE
-    j = (pid_t % TW) * TILE + p % TILE
-    inside = (i < H) & (j < W)
-    pxf = j.to(ACC) + 0.5
-    pyf = i.to(ACC) + 0.5
-    start = tl.load(off_ptr + bv * NT + pid_t)
-    end = tl.load(off_ptr + bv * NT + pid_t + 1)
+    t, tok, i, j, inside, pxf, pyf = _tile_pixels(tl.program_id(0), TW, NT, H, W, TILE, R, ACC)
+    start = tl.load(off_ptr + bv * NT + t, mask=tok, other=0)
+    end = tl.load(off_ptr + bv * NT + t + 1, mask=tok, other=0)
     cs = pid_c * CB + tl.arange(0, CB)
     cmask = cs < C
-    g = tl.arange(0, G)
-    T = tl.full([TILE * TILE], 1.0, ACC)
-    acc = tl.zeros([TILE * TILE, CB], ACC)
-    accd = tl.zeros([TILE * TILE], ACC)
-    last = tl.zeros([TILE * TILE], tl.int32)
+    T = tl.full([R, TILE * TILE], 1.0, ACC)
+    acc = tl.zeros([R, CB, TILE * TILE], ACC)        # channels before pixels: a thread keeps whole pixels
+    accd = tl.zeros([R, TILE * TILE], ACC)
+    last = tl.zeros([R, TILE * TILE], tl.int32)
     done = ~inside
-    alive = tl.sum(inside.to(tl.int32), 0)
-    cur = start
-    while (cur < end) & (alive > 0):
-        idx = cur + g
-        gval = idx < end
-        gid = tl.load(ids_ptr + idx, mask=gval, other=0).to(tl.int64)
-        gb = bv * N + gid
-        mx = tl.load(m2d_ptr + gb * 2 + 0, mask=gval, other=0).to(ACC)
-        my = tl.load(m2d_ptr + gb * 2 + 1, mask=gval, other=0).to(ACC)
-        ca = tl.load(con_ptr + gb * 3 + 0, mask=gval, other=0).to(ACC)
-        cb = tl.load(con_ptr + gb * 3 + 1, mask=gval, other=0).to(ACC)
-        cc = tl.load(con_ptr + gb * 3 + 2, mask=gval, other=0).to(ACC)
-        zz = tl.load(dep_ptr + gb, mask=gval, other=0).to(ACC)
-        op = tl.load(opa_ptr + b * N + gid, mask=gval, other=0).to(ACC)
-        dx = pxf[None, :] - mx[:, None]
-        dy = pyf[None, :] - my[:, None]
-        sig = 0.5 * (ca[:, None] * dx * dx + cc[:, None] * dy * dy) + cb[:, None] * dx * dy
-        al = tl.minimum(op[:, None] * tl.exp(-sig), 0.99)
-        keep = gval[:, None] & (al >= 1.0 / 255.0) & (sig >= 0) & (~done)[None, :]
-        al = tl.where(keep, al, 0.0)
-        la = tl.log(1.0 - al)
-        cum = tl.cumsum(la, axis=0)
-        tin = T[None, :] * tl.exp(cum)
-        ok = keep & (tin >= 1e-4)
-        wgt = tl.where(ok, al * T[None, :] * tl.exp(cum - la), 0.0)
-        col = tl.load(col_ptr + (b * N + gid)[:, None] * C + cs[None, :], mask=gval[:, None] & cmask[None, :],
-                      other=0).to(ACC)
-        acc += tl.dot(tl.trans(wgt), col, input_precision="ieee")
-        accd += tl.sum(wgt * zz[:, None], axis=0)
-        last = tl.maximum(last, tl.max(tl.where(ok, (idx - start + 1)[:, None], 0), axis=0))
-        T = T * tl.exp(tl.sum(tl.where(ok, la, 0.0), axis=0))
-        done = done | (tl.min(tin, axis=0) < 1e-4)
-        alive = tl.sum((~done).to(tl.int32), 0)
-        cur += G
+    n = tl.reduce(end - start, 0, _MAX)
+    k0 = 0
+    alive = k0 < n
+    while alive:
+        for k in range(k0, tl.minimum(k0 + CHUNK, n)):
+            ok = k < end - start
+            gid, ca, cb, cc, zz, op, dx, dy, ex, araw, al, vis = _gaussian_at_pixels(
+                ids_ptr, m2d_ptr, con_ptr, dep_ptr, opa_ptr, start + k, ok, bv, b, N, pxf, pyf, ACC)
+            keep = vis & ~done
+            tn = T * (1.0 - al)
+            full = keep & (tn < 1e-4)                  # would bring T below 1e-4: the pixel stops before it
+            use = keep & ~full
+            done = done | full
+            w = tl.where(use, al * T, 0.0)
+            col = tl.load(col_ptr + ((b * N + gid) * C)[:, None] + cs[None, :], mask=ok[:, None] & cmask[None, :],
+                          other=0).to(ACC)
+            acc += col[:, :, None] * w[:, None, :]
+            accd += w * zz[:, None]
+            T = tl.where(use, tn, T)
+            last = tl.where(use, k + 1, last)
+        k0 += CHUNK
+        alive = (k0 < n) & (tl.reduce(tl.reduce((~done).to(tl.int32), 1, _MAX), 0, _MAX) > 0)
     pix = (bv * H + i) * W + j
     bg = tl.load(bg_ptr + bv * C + cs, mask=cmask, other=0).to(ACC)
-    tl.store(out_c_ptr + pix[:, None] * C + cs[None, :], acc + T[:, None] * bg[None, :],
-             mask=inside[:, None] & cmask[None, :])
+    tl.store(out_c_ptr + pix[:, None, :] * C + cs[None, :, None], acc + bg[None, :, None] * T[:, None, :],
+             mask=inside[:, None, :] & cmask[None, :, None])
     if pid_c == 0:
         tl.store(out_a_ptr + pix, 1.0 - T, mask=inside)
         tl.store(out_d_ptr + pix, accd, mask=inside)
@@ -318,91 +348,77 @@ def _splat_raster_bwd_kernel(m2d_ptr, con_ptr, dep_ptr, opa_ptr, col_ptr, bg_ptr
                              t_ptr, last_ptr, gc_ptr, ga_ptr, gd_ptr,
                              gm2d_ptr, gcon_ptr, gdep_ptr, gopa_ptr, gcol_ptr,
                              N, V, C, H, W, TW, NT,
-                             TILE: tl.constexpr, G: tl.constexpr, CB: tl.constexpr, ACC: tl.constexpr):
-    """One program per (tile, scene·view): chunks of G Gaussians back to front from the tile's last
-    contributor; T before each Gaussian is recovered from the saved final T with a reverse cumsum of
-    log(1−α); per-Gaussian grads are summed over the tile and added with atomics."""
-    pid_t = tl.program_id(0)
+                             TILE: tl.constexpr, R: tl.constexpr, CB: tl.constexpr, ONE_CB: tl.constexpr,
+                             ACC: tl.constexpr):
+    """One program per (R tiles, scene·view): each tile's Gaussians one at a time, back to front from
+    the tile's last contributor. T before each Gaussian is recovered from the saved final T by dividing
+    by (1 − α); per-Gaussian gradients are summed over the tile's pixels inside the program and added
+    with one relaxed atomic per Gaussian and quantity. gc is channel-major (B·V, C, H, W). ONE_CB: all C
+    channels fit one block (the pixels' colour gradients then stay in registers)."""
     bv = tl.program_id(1).to(tl.int64)
     b = bv // V
-    p = tl.arange(0, TILE * TILE)
-    i = (pid_t // TW) * TILE + p // TILE
-    j = (pid_t % TW) * TILE + p % TILE
-    inside = (i < H) & (j < W)
-    pxf = j.to(ACC) + 0.5
-    pyf = i.to(ACC) + 0.5
+    t, tok, i, j, inside, pxf, pyf = _tile_pixels(tl.program_id(0), TW, NT, H, W, TILE, R, ACC)
     pix = (bv * H + i) * W + j
-    start = tl.load(off_ptr + bv * NT + pid_t)
-    tfin = tl.load(t_ptr + pix, mask=inside, other=1).to(ACC)
+    pl = (i * W + j)[:, None, :]                     # pixel within its image, (R, 1, TILE²)
+    start = tl.load(off_ptr + bv * NT + t, mask=tok, other=0)
+    T = tl.load(t_ptr + pix, mask=inside, other=1).to(ACC)
     lst = tl.load(last_ptr + pix, mask=inside, other=0)
     g_a = tl.load(ga_ptr + pix, mask=inside, other=0).to(ACC)
     g_d = tl.load(gd_ptr + pix, mask=inside, other=0).to(ACC)
-    gcbg = tl.zeros([TILE * TILE], ACC)
+    cs = tl.arange(0, CB)
+    gcbg = tl.zeros([R, TILE * TILE], ACC)
     for c0 in range(0, C, CB):
-        cs = c0 + tl.arange(0, CB)
-        gcc = tl.load(gc_ptr + pix[:, None] * C + cs[None, :], mask=inside[:, None] & (cs < C)[None, :], other=0).to(ACC)
-        bg = tl.load(bg_ptr + bv * C + cs, mask=cs < C, other=0).to(ACC)
-        gcbg += tl.sum(gcc * bg[None, :], axis=1)
-    behind = tfin * (gcbg - g_a)   # Σ_{k>i} w_k (gC·c_k + gD z_k) + T_N (gC·bg) − T_N gA, updated per chunk
-    tcur = tfin
-    g = tl.arange(0, G)
-    e = start + tl.max(lst, 0)
-    while e > start:
-        idx = e - G + g
-        gval = idx >= start
-        gid = tl.load(ids_ptr + idx, mask=gval, other=0).to(tl.int64)
-        gb = bv * N + gid
-        mx = tl.load(m2d_ptr + gb * 2 + 0, mask=gval, other=0).to(ACC)
-        my = tl.load(m2d_ptr + gb * 2 + 1, mask=gval, other=0).to(ACC)
-        ca = tl.load(con_ptr + gb * 3 + 0, mask=gval, other=0).to(ACC)
-        cb = tl.load(con_ptr + gb * 3 + 1, mask=gval, other=0).to(ACC)
-        cc = tl.load(con_ptr + gb * 3 + 2, mask=gval, other=0).to(ACC)
-        zz = tl.load(dep_ptr + gb, mask=gval, other=0).to(ACC)
-        op = tl.load(opa_ptr + b * N + gid, mask=gval, other=0).to(ACC)
-        dx = pxf[None, :] - mx[:, None]
-        dy = pyf[None, :] - my[:, None]
-        sig = 0.5 * (ca[:, None] * dx * dx + cc[:, None] * dy * dy) + cb[:, None] * dx * dy
-        ex = tl.exp(-sig)
-        araw = op[:, None] * ex
-        al = tl.minimum(araw, 0.99)
-        keep = gval[:, None] & (al >= 1.0 / 255.0) & (sig >= 0) & ((idx - start)[:, None] < lst[None, :])
+        cm = (c0 + cs) < C
+        gcc = tl.load(gc_ptr + ((bv * C + c0 + cs) * H * W)[None, :, None] + pl,
+                      mask=inside[:, None, :] & cm[None, :, None], other=0).to(ACC)
+        bg = tl.load(bg_ptr + bv * C + c0 + cs, mask=cm, other=0).to(ACC)
+        gcbg += tl.reduce(gcc * bg[None, :, None], 1, _SUM)
+    gc0 = tl.load(gc_ptr + ((bv * C + cs) * H * W)[None, :, None] + pl,
+                  mask=inside[:, None, :] & (cs < C)[None, :, None], other=0).to(ACC)   # used when ONE_CB
+    behind = T * (gcbg - g_a)     # Σ_{k>i} w_k (gC·c_k + gD z_k) + T_N (gC·bg − gA)
+    nt = tl.reduce(lst, 1, _MAX)           # (R,) Gaussians to walk back per tile
+    for kk in range(0, tl.reduce(nt, 0, _MAX)):
+        ok = kk < nt
+        k = nt - 1 - kk
+        gid, ca, cb, cc, zz, op, dx, dy, ex, araw, al, vis = _gaussian_at_pixels(
+            ids_ptr, m2d_ptr, con_ptr, dep_ptr, opa_ptr, start + k, ok, bv, b, N, pxf, pyf, ACC)
+        keep = vis & (k[:, None] < lst)
         al = tl.where(keep, al, 0.0)
-        la = tl.log(1.0 - al)
-        tex = tcur[None, :] * tl.exp(-tl.cumsum(la, axis=0, reverse=True))   # T before each Gaussian
-        wgt = al * tex
-        gcd = tl.zeros([G, TILE * TILE], ACC)
-        for c0 in range(0, C, CB):
-            cs = c0 + tl.arange(0, CB)
-            cm = cs < C
-            col = tl.load(col_ptr + (b * N + gid)[:, None] * C + cs[None, :], mask=gval[:, None] & cm[None, :],
-                          other=0).to(ACC)
-            gcc = tl.load(gc_ptr + pix[:, None] * C + cs[None, :], mask=inside[:, None] & cm[None, :], other=0).to(ACC)
-            gcd += tl.dot(col, tl.trans(gcc), input_precision="ieee")
-            gcol = tl.dot(wgt, gcc, input_precision="ieee")
-            tl.atomic_add(gcol_ptr + (b * N + gid)[:, None] * C + cs[None, :], gcol, mask=gval[:, None] & cm[None, :])
-        sv = gcd + g_d[None, :] * zz[:, None]
-        vv = wgt * sv
-        bk = behind[None, :] + tl.cumsum(vv, axis=0, reverse=True) - vv
-        gal = tl.where(keep, tex * sv - bk / (1.0 - al), 0.0)
-        live = araw <= 0.99
-        gsig = tl.where(live, -gal * al, 0.0)
-        gop = tl.sum(tl.where(live, gal * ex, 0.0), axis=1)
-        gmx = tl.sum(-gsig * (ca[:, None] * dx + cb[:, None] * dy), axis=1)
-        gmy = tl.sum(-gsig * (cb[:, None] * dx + cc[:, None] * dy), axis=1)
-        gca = tl.sum(0.5 * gsig * dx * dx, axis=1)
-        gcb = tl.sum(gsig * dx * dy, axis=1)
-        gcc_ = tl.sum(0.5 * gsig * dy * dy, axis=1)
-        gz = tl.sum(wgt * g_d[None, :], axis=1)
-        tl.atomic_add(gm2d_ptr + gb * 2 + 0, gmx, mask=gval)
-        tl.atomic_add(gm2d_ptr + gb * 2 + 1, gmy, mask=gval)
-        tl.atomic_add(gcon_ptr + gb * 3 + 0, gca, mask=gval)
-        tl.atomic_add(gcon_ptr + gb * 3 + 1, gcb, mask=gval)
-        tl.atomic_add(gcon_ptr + gb * 3 + 2, gcc_, mask=gval)
-        tl.atomic_add(gdep_ptr + gb, gz, mask=gval)
-        tl.atomic_add(gopa_ptr + b * N + gid, gop, mask=gval)
-        behind += tl.sum(vv, axis=0)
-        tcur = tcur * tl.exp(-tl.sum(la, axis=0))
-        e -= G
+        ra = 1.0 / (1.0 - al)
+        T = T * ra                                          # T before this Gaussian
+        w = al * T
+        cb_ = (b * N + gid) * C
+        if ONE_CB:
+            cm = ok[:, None] & (cs < C)[None, :]
+            col = tl.load(col_ptr + cb_[:, None] + cs[None, :], mask=cm, other=0).to(ACC)
+            s = tl.reduce(gc0 * col[:, :, None], 1, _SUM)
+            tl.atomic_add(gcol_ptr + cb_[:, None] + cs[None, :], tl.reduce(gc0 * w[:, None, :], 2, _SUM), mask=cm,
+                          sem="relaxed")
+        else:
+            s = tl.zeros([R, TILE * TILE], ACC)
+            for c0 in range(0, C, CB):
+                cm = ok[:, None] & ((c0 + cs) < C)[None, :]
+                col = tl.load(col_ptr + cb_[:, None] + (c0 + cs)[None, :], mask=cm, other=0).to(ACC)
+                gcc = tl.load(gc_ptr + ((bv * C + c0 + cs) * H * W)[None, :, None] + pl,
+                              mask=inside[:, None, :] & cm[:, :, None], other=0).to(ACC)
+                s += tl.reduce(gcc * col[:, :, None], 1, _SUM)
+                tl.atomic_add(gcol_ptr + cb_[:, None] + (c0 + cs)[None, :], tl.reduce(gcc * w[:, None, :], 2, _SUM),
+                              mask=cm, sem="relaxed")
+        s += g_d * zz[:, None]
+        q = tl.where(keep & (araw <= 0.99), (T * s - behind * ra) * ex, 0.0)   # dL/dα · ∂α/∂o
+        behind += w * s
+        qx = q * dx
+        qy = q * dy
+        sq, sx, sy = tl.reduce(q, 1, _SUM), tl.reduce(qx, 1, _SUM), tl.reduce(qy, 1, _SUM)
+        sxx, sxy, syy = tl.reduce(qx * dx, 1, _SUM), tl.reduce(qx * dy, 1, _SUM), tl.reduce(qy * dy, 1, _SUM)
+        gb = bv * N + gid
+        tl.atomic_add(gm2d_ptr + gb * 2 + 0, op * (ca * sx + cb * sy), mask=ok, sem="relaxed")
+        tl.atomic_add(gm2d_ptr + gb * 2 + 1, op * (cb * sx + cc * sy), mask=ok, sem="relaxed")
+        tl.atomic_add(gcon_ptr + gb * 3 + 0, -0.5 * op * sxx, mask=ok, sem="relaxed")
+        tl.atomic_add(gcon_ptr + gb * 3 + 1, -op * sxy, mask=ok, sem="relaxed")
+        tl.atomic_add(gcon_ptr + gb * 3 + 2, -0.5 * op * syy, mask=ok, sem="relaxed")
+        tl.atomic_add(gdep_ptr + gb, tl.reduce(w * g_d, 1, _SUM), mask=ok, sem="relaxed")
+        tl.atomic_add(gopa_ptr + b * N + gid, sq, mask=ok, sem="relaxed")
 
 
 # ============================================================================ validation
@@ -475,14 +491,20 @@ def _proj_block(n: int) -> int:
     return 1024 if interpreting() else 256
 
 
-def _raster_blocks(C: int, bwd: bool = False):
-    """(G Gaussians per chunk, CB channels per block). Big chunks under the interpreter (each loop
-    iteration costs ~1 ms there); 16 on the GPU (tl.dot needs >= 16; keeps registers in check).
-    The backward loops over channel blocks inside the kernel and caps CB at 32 (shared memory: 51 KB
-    at CB=16, 88 KB at 32, 160 KB at 64 -- too close to sm_80's 163 KB)."""
-    G = 64 if interpreting() else 16
-    CB = max(16, min(32 if bwd else 64, next_pow2(C)))
-    return G, CB
+def _raster_blocks(C: int):
+    """(CB channels per block, num_warps) of the rasterizer: CB = next_pow2(C) up to 32 (more channels take
+    more channel blocks in the forward, a channel loop in the backward); warps so that each thread holds
+    at most 32 accumulators (8 pixels x 4 channels at C <= 4, one warp per 16x16 tile)."""
+    CB = min(32, next_pow2(C))
+    return CB, max(1, CB // 4)
+
+
+def _tiles_per_program(n_tiles: int) -> int:
+    """1 on the GPU; under the interpreter up to 64 tiles per program (its cost is per loop step)."""
+    return min(64, next_pow2(n_tiles)) if interpreting() else 1
+
+
+_CHUNK = 32   # forward: Gaussians between two "is every pixel of the tile done?" checks
 
 
 def _project_fwd(means, quats, scales, viewmats, Ks, width, height, near, far, eps2d):
@@ -569,11 +591,12 @@ def _rasterize_fwd(means2d, conics, depths, opacities, colors, background, offse
     out_t = torch.empty(B, V, H, W, dtype=dt, device=dev)
     last = torch.empty(B, V, H, W, dtype=torch.int32, device=dev)
     TW, TH = triton.cdiv(W, TILE), triton.cdiv(H, TILE)
-    G, CB = _raster_blocks(C)
-    _splat_raster_fwd_kernel[(TW * TH, B * V, triton.cdiv(C, CB))](
+    CB, nw = _raster_blocks(C)
+    R = _tiles_per_program(TW * TH)
+    _splat_raster_fwd_kernel[(triton.cdiv(TW * TH, R), B * V, triton.cdiv(C, CB))](
         means2d.contiguous(), conics.contiguous(), depths.contiguous(), opacities.contiguous(),
         colors.contiguous(), background.contiguous(), offsets, ids, out_c, out_a, out_d, out_t, last,
-        N, V, C, H, W, TW, TW * TH, TILE=TILE, G=G, CB=CB, ACC=_acc(dt), num_warps=4)
+        N, V, C, H, W, TW, TW * TH, TILE=TILE, R=R, CB=CB, CHUNK=_CHUNK, ACC=_acc(dt), num_warps=nw)
     return out_c, out_a, out_d, out_t, last
 
 
@@ -589,12 +612,13 @@ def _rasterize_bwd(means2d, conics, depths, opacities, colors, background, offse
     g_opa = torch.zeros(B, N, dtype=dt, device=dev)
     g_col = torch.zeros(B, N, C, dtype=dt, device=dev)
     TW, TH = triton.cdiv(W, TILE), triton.cdiv(H, TILE)
-    G, CB = _raster_blocks(C, bwd=True)
-    _splat_raster_bwd_kernel[(TW * TH, B * V)](
+    CB, nw = _raster_blocks(C)
+    R = _tiles_per_program(TW * TH)
+    _splat_raster_bwd_kernel[(triton.cdiv(TW * TH, R), B * V)](
         means2d.contiguous(), conics.contiguous(), depths.contiguous(), opacities.contiguous(),
         colors.contiguous(), background.contiguous(), offsets, ids, out_t, last,
-        g_c.contiguous(), g_a.contiguous(), g_d.contiguous(), g_m2d, g_con, g_dep, g_opa, g_col,
-        N, V, C, H, W, TW, TW * TH, TILE=TILE, G=G, CB=CB, ACC=_acc(dt), num_warps=4)
+        g_c.permute(0, 1, 4, 2, 3).contiguous(), g_a.contiguous(), g_d.contiguous(), g_m2d, g_con, g_dep, g_opa, g_col,
+        N, V, C, H, W, TW, TW * TH, TILE=TILE, R=R, CB=CB, ONE_CB=C <= CB, ACC=_acc(dt), num_warps=nw)
     g_bg = (out_t[..., None] * g_c).sum((2, 3))
     return g_m2d, g_con, g_dep, g_opa, g_col, g_bg
 

@@ -538,19 +538,26 @@ _RAST_FWD_SIG = dict(_RAST_COMMON, out_c_ptr=_P, out_a_ptr=_P, out_d_ptr=_P, out
 _RAST_BWD_SIG = dict(_RAST_COMMON, t_ptr=_P, last_ptr="*i32", gc_ptr=_P, ga_ptr=_P, gd_ptr=_P, gm2d_ptr=_P,
                      gcon_ptr=_P, gdep_ptr=_P, gopa_ptr=_P, gcol_ptr=_P)
 for _sig in (_RAST_FWD_SIG, _RAST_BWD_SIG):
-    _sig.update(N="i32", V="i32", C="i32", H="i32", W="i32", TW="i32", NT="i32", TILE="constexpr", G="constexpr",
+    _sig.update(N="i32", V="i32", C="i32", H="i32", W="i32", TW="i32", NT="i32", TILE="constexpr", R="constexpr",
                 CB="constexpr", ACC="constexpr")
+_RAST_FWD_SIG.update(CHUNK="constexpr")
+_RAST_BWD_SIG.update(ONE_CB="constexpr")
 
 
-def _gpu_cb_values(bwd):
-    """Every CB the launcher's heuristic can pick on the GPU (C = 1 .. 512)."""
-    return sorted({max(16, min(32 if bwd else 64, S.next_pow2(c))) for c in range(1, 513)})
+def _gpu_raster_configs():
+    """Every (CB, num_warps, ONE_CB) the launchers can pick on the GPU (C = 1 .. 512)."""
+    return sorted({(*S._raster_blocks(c), c <= S._raster_blocks(c)[0]) for c in range(1, 513)})
 
 
-def _aot(kernel, sig, const):
+def _raster_const(cb, one_cb, bwd):
+    c = dict(TILE=16, R=1, CB=cb)
+    return dict(c, ONE_CB=one_cb) if bwd else dict(c, CHUNK=S._CHUNK)
+
+
+def _aot(kernel, sig, const, num_warps=4):
     from tests.aot import aot_compile
     import triton.language as tl
-    out = aot_compile(kernel, sig, dict(const, ACC=tl.float32), num_warps=4)
+    out = aot_compile(kernel, sig, dict(const, ACC=tl.float32), num_warps=num_warps)
     for arch, comp in out.items():
         print(f"{kernel.__name__ if hasattr(kernel, '__name__') else kernel} sm_{arch} {const}: "
               f"shared {comp.metadata.shared} B")
@@ -562,21 +569,26 @@ def test_aot_compile_projection():
     _aot(S._splat_project_bwd_kernel, _PROJ_BWD_SIG, dict(BLOCK=256))
 
 
-def test_aot_compile_rasterize_smallest_blocks():
-    assert _gpu_cb_values(False)[0] == 16 and _gpu_cb_values(True)[0] == 16
-    _aot(S._splat_raster_fwd_kernel, _RAST_FWD_SIG, dict(TILE=16, G=16, CB=16))
-    _aot(S._splat_raster_bwd_kernel, _RAST_BWD_SIG, dict(TILE=16, G=16, CB=16))
+def test_aot_compile_rasterize_rgb():
+    """The configuration of C = 3 (the models' colours): CB = 4, one warp per tile."""
+    cb, nw = S._raster_blocks(3)
+    assert (cb, nw) == (4, 1)
+    _aot(S._splat_raster_fwd_kernel, _RAST_FWD_SIG, _raster_const(cb, True, False), nw)
+    _aot(S._splat_raster_bwd_kernel, _RAST_BWD_SIG, _raster_const(cb, True, True), nw)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bwd", [False, True])
 def test_aot_compile_rasterize_all_blocks(bwd):
-    """The remaining channel-block branches (slow: minutes of compile time on a 2-core CPU)."""
-    for cb in _gpu_cb_values(bwd)[1:]:
-        if bwd:
-            _aot(S._splat_raster_bwd_kernel, _RAST_BWD_SIG, dict(TILE=16, G=16, CB=cb))
-        else:
-            _aot(S._splat_raster_fwd_kernel, _RAST_FWD_SIG, dict(TILE=16, G=16, CB=cb))
+    """The remaining channel-block configurations (slow: minutes of compile time on a 2-core CPU)."""
+    done = set()
+    for cb, nw, one in _gpu_raster_configs():
+        key = (cb, nw, one if bwd else True)
+        if key in done or (cb == 4 and one):
+            continue
+        done.add(key)
+        kern, sig = (S._splat_raster_bwd_kernel, _RAST_BWD_SIG) if bwd else (S._splat_raster_fwd_kernel, _RAST_FWD_SIG)
+        _aot(kern, sig, _raster_const(cb, one, bwd), nw)
 
 
 @pytest.mark.slow
@@ -589,9 +601,9 @@ def test_aot_compile_fp64():
         return {k: {"*fp32": "*fp64", "fp32": "fp64"}.get(v, v) for k, v in sig.items()}
     for kern, sig, const in [(S._splat_project_fwd_kernel, _PROJ_FWD_SIG, dict(BLOCK=256)),
                              (S._splat_project_bwd_kernel, _PROJ_BWD_SIG, dict(BLOCK=256)),
-                             (S._splat_raster_fwd_kernel, _RAST_FWD_SIG, dict(TILE=16, G=16, CB=16)),
-                             (S._splat_raster_bwd_kernel, _RAST_BWD_SIG, dict(TILE=16, G=16, CB=16))]:
-        aot_compile(kern, f64(sig), dict(const, ACC=tl.float64))
+                             (S._splat_raster_fwd_kernel, _RAST_FWD_SIG, _raster_const(4, True, False)),
+                             (S._splat_raster_bwd_kernel, _RAST_BWD_SIG, _raster_const(4, True, True))]:
+        aot_compile(kern, f64(sig), dict(const, ACC=tl.float64), num_warps=1)
 
 
 # ----------------------------------------------------------------------------- GPU (real sizes)
