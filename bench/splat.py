@@ -61,7 +61,7 @@ def make_gaussians(B, N, C, device="cpu", seed=0):
 def intersections(gs, vm, K, W, H):
     from kernels import splat as S
     m2d, con, dep, rad = S.project_gaussians(gs[0], gs[1], gs[2], vm, K, W, H)
-    offsets, ids = S._bin_gaussians(m2d, dep, rad, W, H)
+    offsets, ids, _ = S._bin_gaussians(m2d, dep, rad, W, H)
     return ids.numel()
 
 

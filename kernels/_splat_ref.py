@@ -171,6 +171,84 @@ def rasterize_from_projection_ref(means2d, conics, depths, radii, opacities, col
     return colors_out, alphas, depths_out
 
 
+@torch.library.custom_op("nano4d::rasterize_gaussians_pairs", mutates_args=())
+def _candidate_pairs(means2d: torch.Tensor, conics: torch.Tensor, depths: torch.Tensor, radii: torch.Tensor,
+                     opacities: torch.Tensor, width: int, height: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The contributing (pixel, Gaussian) pairs of ``rasterize_pairs_ref``, sorted by (pixel, depth):
+    flat Gaussian index g = (b·V + v)·N + n, flat pixel, the position in the pixel's list, and an empty
+    tensor whose length L (>= 2) is the longest list. A registered op (indices only, no autograd) so
+    torch.compile treats its data-dependent sizes as opaque."""
+    B, V, N = radii.shape
+    H, W = height, width
+    dt, dev = means2d.dtype, means2d.device
+    rank = torch.empty(B, V, N, dtype=torch.int64, device=dev)      # depth rank per view (stable)
+    rank.scatter_(-1, torch.argsort(depths, dim=-1, stable=True),
+                  torch.arange(N, device=dev).expand(B, V, N).contiguous())
+    tx0, tx1, ty0, ty1 = _tile_rect(means2d, radii)
+    con = conics
+    det = con[..., 0] * con[..., 2] - con[..., 1] ** 2
+    o = opacities[:, None, :].expand(B, V, N)
+    s = torch.log(torch.clamp(255.0 * o, min=1.0))              # σ bound (0 when o·255 <= 1)
+    live = (radii > 0) & (o * 255.0 >= 1.0) & (det > 0)
+    dets = torch.where(det > 0, det, torch.ones_like(det))
+    hx = torch.sqrt(torch.clamp(2 * s * con[..., 2] / dets, min=0)) + 1.0
+    hy = torch.sqrt(torch.clamp(2 * s * con[..., 0] / dets, min=0)) + 1.0
+    u, v = means2d[..., 0], means2d[..., 1]
+    big = float(max(W, H) + 2)
+    j0 = torch.maximum(torch.ceil(torch.clamp(u - hx - 0.5, -big, big)).long(), torch.clamp(tx0 * TILE, min=0))
+    j1 = torch.minimum(torch.floor(torch.clamp(u + hx - 0.5, -big, big)).long(), torch.clamp(tx1 * TILE + TILE - 1, max=W - 1))
+    i0 = torch.maximum(torch.ceil(torch.clamp(v - hy - 0.5, -big, big)).long(), torch.clamp(ty0 * TILE, min=0))
+    i1 = torch.minimum(torch.floor(torch.clamp(v + hy - 0.5, -big, big)).long(), torch.clamp(ty1 * TILE + TILE - 1, max=H - 1))
+    nx, ny = (j1 - j0 + 1).clamp(min=0), (i1 - i0 + 1).clamp(min=0)
+    nrow = torch.where(live & (nx > 0), ny, torch.zeros_like(ny)).reshape(-1)
+    keep_g = torch.nonzero(nrow).flatten()                                   # Gaussians with candidates
+    nrow = nrow[keep_g]
+    ints = torch.stack([j0, j1, i0, rank], -1).reshape(-1, 4)[keep_g]
+    flts = torch.stack([u, v, con[..., 0], con[..., 1], con[..., 2], o, s], -1).reshape(-1, 7)[keep_g]
+    # level 1: (Gaussian, row); on each row the σ ≤ s ellipse spans an exact column interval, widened
+    # by 1 px for rounding (rows the ellipse misses keep a ~3 px interval: still only a superset)
+    rg = torch.repeat_interleave(torch.arange(keep_g.numel(), device=dev), nrow)
+    ri = ints[rg, 2] + torch.arange(rg.numel(), device=dev) - (torch.cumsum(nrow, 0) - nrow)[rg]
+    f = flts[rg]
+    dyr = ri.to(dt) + 0.5 - f[:, 1]
+    disc = (f[:, 3] * dyr) ** 2 - f[:, 2] * (f[:, 4] * dyr * dyr - 2 * f[:, 6])
+    sq = torch.sqrt(torch.clamp(disc, min=0))
+    lo = f[:, 0] + (-f[:, 3] * dyr - sq) / f[:, 2] - 0.5 - 1.0
+    hi = f[:, 0] + (-f[:, 3] * dyr + sq) / f[:, 2] - 0.5 + 1.0
+    c0 = torch.maximum(torch.ceil(torch.clamp(lo, -big, big)).long(), ints[rg, 0])
+    c1 = torch.minimum(torch.floor(torch.clamp(hi, -big, big)).long(), ints[rg, 1])
+    ncol = (c1 - c0 + 1).clamp(min=0)
+    # level 2: candidate pixels
+    pr = torch.repeat_interleave(torch.arange(rg.numel(), device=dev), ncol)
+    pj = c0[pr] + torch.arange(pr.numel(), device=dev) - (torch.cumsum(ncol, 0) - ncol)[pr]
+    pi = ri[pr]
+    loc = rg[pr]
+    gf = flts[loc]
+    # exact α test to drop the pairs that contribute nothing
+    dx, dy = pj.to(dt) + 0.5 - gf[:, 0], pi.to(dt) + 0.5 - gf[:, 1]
+    sig = 0.5 * (gf[:, 2] * dx * dx + gf[:, 4] * dy * dy) + gf[:, 3] * dx * dy
+    keep = (torch.clamp(gf[:, 5] * torch.exp(-sig), max=ALPHA_MAX) >= ALPHA_MIN) & (sig >= 0)
+    loc, pi, pj = loc[keep], pi[keep], pj[keep]
+    g = keep_g[loc]                                                          # flat (b,v,n)
+    pix = ((g // N) * H + pi) * W + pj
+    order = torch.argsort(pix * N + ints[loc, 3])
+    g, pix = g[order], pix[order]
+    seg_pix, seg_id, seg_len = torch.unique_consecutive(pix, return_inverse=True, return_counts=True)
+    L = max(int(seg_len.max()) if seg_len.numel() else 0, 2)
+    pos = torch.arange(g.numel(), device=dev) - (torch.cumsum(seg_len, 0) - seg_len)[seg_id]
+    return g, pix, pos, torch.empty(L, dtype=torch.int8, device=dev)
+
+
+@_candidate_pairs.register_fake
+def _(means2d, conics, depths, radii, opacities, width, height):
+    ctx = torch.library.get_ctx()
+    P = ctx.new_dynamic_size()
+    e = means2d.new_empty
+    return (e(P, dtype=torch.int64), e(P, dtype=torch.int64), e(P, dtype=torch.int64),
+            e(ctx.new_dynamic_size(min=2), dtype=torch.int8))
+
+
 def rasterize_pairs_ref(means2d, conics, depths, radii, opacities, colors, background, width: int, height: int):
     """Same result as ``rasterize_from_projection_ref``, evaluated on (pixel, Gaussian) pairs only.
 
@@ -178,7 +256,7 @@ def rasterize_pairs_ref(means2d, conics, depths, radii, opacities, colors, backg
     row, dx to the ellipse's chord. So only pixels on those rows and chords (+1 px margins for rounding),
     inside the Gaussian's tile rectangle and the image, can receive it: every other pair has α < 1/255 or fails the tile test, i.e. contributes
     exactly nothing. The surviving pairs are sorted by (pixel, depth), laid out as a padded
-    (pixels × max-pairs-per-pixel) matrix and composited front to back with a row cumsum.
+    (all pixels × max-pairs-per-pixel) matrix and composited front to back with a row cumsum.
     Cost O(pairs), not O(pixels × Gaussians): this is the CPU path of ``kernels.rasterize_gaussians``.
     """
     B, V, N = radii.shape
@@ -188,78 +266,25 @@ def rasterize_pairs_ref(means2d, conics, depths, radii, opacities, colors, backg
     out_c = torch.zeros(B * V * H * W, C, dtype=dt, device=dev)
     out_l = torch.zeros(B * V * H * W, dtype=dt, device=dev)       # Σ log(1-α) per pixel -> T
     out_d = torch.zeros(B * V * H * W, dtype=dt, device=dev)
-    rank = torch.empty(B, V, N, dtype=torch.int64, device=dev)      # depth rank per view (stable)
-    rank.scatter_(-1, torch.argsort(depths.detach(), dim=-1, stable=True),
-                  torch.arange(N, device=dev).expand(B, V, N).contiguous())
-    with torch.no_grad():
-        tx0, tx1, ty0, ty1 = _tile_rect(means2d, radii)
-        con = conics.detach()
-        det = con[..., 0] * con[..., 2] - con[..., 1] ** 2
-        o = opacities.detach()[:, None, :].expand(B, V, N)
-        s = torch.log(torch.clamp(255.0 * o, min=1.0))              # σ bound (0 when o·255 <= 1)
-        live = (radii > 0) & (o * 255.0 >= 1.0) & (det > 0)
-        dets = torch.where(det > 0, det, torch.ones_like(det))
-        hx = torch.sqrt(torch.clamp(2 * s * con[..., 2] / dets, min=0)) + 1.0
-        hy = torch.sqrt(torch.clamp(2 * s * con[..., 0] / dets, min=0)) + 1.0
-        u, v = means2d.detach()[..., 0], means2d.detach()[..., 1]
-        big = float(max(W, H) + 2)
-        j0 = torch.maximum(torch.ceil(torch.clamp(u - hx - 0.5, -big, big)).long(), torch.clamp(tx0 * TILE, min=0))
-        j1 = torch.minimum(torch.floor(torch.clamp(u + hx - 0.5, -big, big)).long(), torch.clamp(tx1 * TILE + TILE - 1, max=W - 1))
-        i0 = torch.maximum(torch.ceil(torch.clamp(v - hy - 0.5, -big, big)).long(), torch.clamp(ty0 * TILE, min=0))
-        i1 = torch.minimum(torch.floor(torch.clamp(v + hy - 0.5, -big, big)).long(), torch.clamp(ty1 * TILE + TILE - 1, max=H - 1))
-        nx, ny = (j1 - j0 + 1).clamp(min=0), (i1 - i0 + 1).clamp(min=0)
-        nrow = torch.where(live & (nx > 0), ny, torch.zeros_like(ny)).reshape(-1)
-        keep_g = torch.nonzero(nrow).flatten()                                   # Gaussians with candidates
-        nrow = nrow[keep_g]
-        ints = torch.stack([j0, j1, i0, rank], -1).reshape(-1, 4)[keep_g]
-        flts = torch.stack([u, v, con[..., 0], con[..., 1], con[..., 2], o, s], -1).reshape(-1, 7)[keep_g]
-        # level 1: (Gaussian, row); on each row the σ ≤ s ellipse spans an exact column interval, widened
-        # by 1 px for rounding (rows the ellipse misses keep a ~3 px interval: still only a superset)
-        rg = torch.repeat_interleave(torch.arange(keep_g.numel(), device=dev), nrow)
-        ri = ints[rg, 2] + torch.arange(rg.numel(), device=dev) - (torch.cumsum(nrow, 0) - nrow)[rg]
-        f = flts[rg]
-        dyr = ri.to(dt) + 0.5 - f[:, 1]
-        disc = (f[:, 3] * dyr) ** 2 - f[:, 2] * (f[:, 4] * dyr * dyr - 2 * f[:, 6])
-        sq = torch.sqrt(torch.clamp(disc, min=0))
-        lo = f[:, 0] + (-f[:, 3] * dyr - sq) / f[:, 2] - 0.5 - 1.0
-        hi = f[:, 0] + (-f[:, 3] * dyr + sq) / f[:, 2] - 0.5 + 1.0
-        c0 = torch.maximum(torch.ceil(torch.clamp(lo, -big, big)).long(), ints[rg, 0])
-        c1 = torch.minimum(torch.floor(torch.clamp(hi, -big, big)).long(), ints[rg, 1])
-        ncol = (c1 - c0 + 1).clamp(min=0)
-        # level 2: candidate pixels
-        pr = torch.repeat_interleave(torch.arange(rg.numel(), device=dev), ncol)
-        pj = c0[pr] + torch.arange(pr.numel(), device=dev) - (torch.cumsum(ncol, 0) - ncol)[pr]
-        pi = ri[pr]
-        loc = rg[pr]
-        gf = flts[loc]
-        # exact α test (no grad) to drop the pairs that contribute nothing
-        dx, dy = pj.to(dt) + 0.5 - gf[:, 0], pi.to(dt) + 0.5 - gf[:, 1]
-        sig = 0.5 * (gf[:, 2] * dx * dx + gf[:, 4] * dy * dy) + gf[:, 3] * dx * dy
-        keep = (torch.clamp(gf[:, 5] * torch.exp(-sig), max=ALPHA_MAX) >= ALPHA_MIN) & (sig >= 0)
-        loc, pi, pj = loc[keep], pi[keep], pj[keep]
-        g = keep_g[loc]                                                          # flat (b,v,n)
-        pix = ((g // N) * H + pi) * W + pj
-        order = torch.argsort(pix * N + ints[loc, 3])
-        g, pix = g[order], pix[order]
-        n, b = g % N, g // (V * N)
-        seg_pix, seg_id, seg_len = torch.unique_consecutive(pix, return_inverse=True, return_counts=True)
-        L = int(seg_len.max()) if seg_len.numel() else 0
-        pos = torch.arange(g.numel(), device=dev) - (torch.cumsum(seg_len, 0) - seg_len)[seg_id]
-    if g.numel():
-        m2 = means2d.reshape(-1, 2)[g]
-        cg = conics.reshape(-1, 3)[g]
-        dx, dy = (pix % W).to(dt) + 0.5 - m2[:, 0], ((pix // W) % H).to(dt) + 0.5 - m2[:, 1]
-        sig = 0.5 * (cg[:, 0] * dx * dx + cg[:, 2] * dy * dy) + cg[:, 1] * dx * dy
-        alpha = torch.clamp(opacities[b, n] * torch.exp(-sig), max=ALPHA_MAX)
-        la = torch.log1p(-alpha)
-        dense = torch.zeros(seg_pix.numel(), L, dtype=dt, device=dev).index_put((seg_id, pos), la)
-        cum = torch.cumsum(dense, dim=1)[seg_id, pos]                 # log T after this Gaussian
-        contrib = (torch.exp(cum) >= T_MIN).detach()
-        zero = torch.zeros((), dtype=dt, device=dev)
-        w = torch.where(contrib, alpha * torch.exp(cum - la), zero)
-        out_c = out_c.index_add(0, pix, w[:, None] * colors[b, n])
-        out_d = out_d.index_add(0, pix, w * depths.reshape(-1)[g])
-        out_l = out_l.index_add(0, pix, torch.where(contrib, la, zero))
+    g, pix, pos, lmax = torch.ops.nano4d.rasterize_gaussians_pairs(
+        means2d.detach(), conics.detach(), depths.detach(), radii, opacities.detach(), width, height)
+    L = lmax.shape[0]
+    torch._check(L >= 2)      # (padded to >= 2 columns: lets torch.compile decide the size-1 special cases)
+    n, b = g % N, g // (V * N)
+    m2 = means2d.reshape(-1, 2)[g]
+    cg = conics.reshape(-1, 3)[g]
+    dx, dy = (pix % W).to(dt) + 0.5 - m2[:, 0], ((pix // W) % H).to(dt) + 0.5 - m2[:, 1]
+    sig = 0.5 * (cg[:, 0] * dx * dx + cg[:, 2] * dy * dy) + cg[:, 1] * dx * dy
+    alpha = torch.clamp(opacities[b, n] * torch.exp(-sig), max=ALPHA_MAX)
+    la = torch.log1p(-alpha)
+    dense = torch.zeros(B * V * H * W, L, dtype=dt, device=dev).index_put((pix, pos), la)
+    cum = torch.cumsum(dense, dim=1)[pix, pos]                    # log T after this Gaussian
+    contrib = (torch.exp(cum) >= T_MIN).detach()
+    zero = torch.zeros((), dtype=dt, device=dev)
+    w = torch.where(contrib, alpha * torch.exp(cum - la), zero)
+    out_c = out_c.index_add(0, pix, w[:, None] * colors[b, n])
+    out_d = out_d.index_add(0, pix, w * depths.reshape(-1)[g])
+    out_l = out_l.index_add(0, pix, torch.where(contrib, la, zero))
     T = torch.exp(out_l).reshape(B, V, H, W, 1)
     colors_out = out_c.reshape(B, V, H, W, C) + T * background[:, :, None, None, :]
     return colors_out, 1.0 - T, out_d.reshape(B, V, H, W, 1)

@@ -25,12 +25,18 @@ range-checked (o < 1/255 never contributes, o > 1 is clamped through α ≤ 0.99
 gradients; the kernel backward uses atomics, so gradients are reproducible only up to fp32 rounding.
 
 Kernels (CUDA, or the interpreter with NANO4D_FORCE_TRITON=1): projection fwd/bwd (one program per
-block of Gaussians of one view); binning in torch (intersection emission with repeat_interleave, one
-torch.sort of unique 64-bit keys [scene·view·tile | depth rank], tile ranges by searchsorted);
-rasterization fwd (one program per (tile, scene·view, channel block), chunks of G Gaussians: α for G×256
-pixels, transmittance by a log-space cumsum, colours by tl.dot, early exit when every pixel is done) and
-bwd (back to front from the saved final T and last-contributor count; per-Gaussian gradients reduced
-over the tile, then fp32/fp64 atomics). Limits: intersections and B·V·tiles < 2³¹ (checked, ValueError).
+block of Gaussians of one view); binning in torch (registered op ``nano4d::bin_gaussians``: a stable depth
+argsort per view, tile intersections emitted in that order, one stable sort of 32-bit tile ids, tile
+ranges by searchsorted); rasterization fwd (one program and one warp per 16x16 tile and scene·view for
+C <= 4 channels; the tile's Gaussians one at a time front to back as gsplat does: α by the hardware
+exp2, T by a product, colours by C multiply-adds per pixel, an early exit every 32 Gaussians once the
+tile is done) and bwd (back to front from the saved final T and last-contributor count, T recovered by
+dividing by 1 − α; per-Gaussian gradients summed over the tile in registers/shuffles, then one relaxed
+fp32/fp64 atomic per Gaussian and quantity). Registered ops: ``nano4d::project_gaussians`` (+
+``_backward``), ``nano4d::bin_gaussians``, ``nano4d::rasterize_gaussians`` (+ ``_backward``; it takes
+the projected Gaussians and the tile lists). Limits: intersections and B·V·tiles < 2³¹ (checked,
+ValueError). Device->host reads per ``rasterize_gaussians`` call: see its docstring (none with
+``validate=False, max_intersections=...``).
 CPU tensors use the reference ``rasterize_gaussians_ref`` (kernels/_splat_ref.py): by default its exact
 pair-pruned form (cost O(contributing pixel-Gaussian pairs)); ``dense=True`` gives the literal
 every-pixel × every-Gaussian oracle. Limits and CPU timings in that file's docstring.
@@ -442,8 +448,10 @@ def _check_scalars(width, height, near, far, eps2d):
 
 
 def _validate(means, quats, scales, viewmats, Ks, width, height, near, far, eps2d,
-              opacities=None, colors=None, background=None):
-    """Check shapes/dtypes/devices; return (B, V, N, C, compute dtype)."""
+              opacities=None, colors=None, background=None, values: bool = True):
+    """Check shapes/dtypes/devices, and with ``values`` (not while torch.compile traces) NaN/Inf in
+    viewmats, Ks and background; return (B, V, N, C, compute dtype)."""
+    values = values and not torch.compiler.is_compiling()
     check_tensor("means", means, ndim=3, dtypes=FLOAT_DTYPES)
     B, N = means.shape[0], means.shape[1]
     if means.shape[2] != 3:
@@ -470,12 +478,14 @@ def _validate(means, quats, scales, viewmats, Ks, width, height, near, far, eps2
         named.update(opacities=opacities, colors=colors)
         if background is not None:
             check_tensor("background", background, dtypes=FLOAT_DTYPES, shape=(B, V, C))
-            check_finite("background", background)
+            if values:
+                check_finite("background", background)
             named["background"] = background
     check_same_device(**named)
     _check_scalars(width, height, near, far, eps2d)
-    check_finite("viewmats", viewmats)
-    check_finite("Ks", Ks)
+    if values:
+        check_finite("viewmats", viewmats)
+        check_finite("Ks", Ks)
     dt = torch.float64 if means.dtype == torch.float64 else torch.float32
     return B, V, N, C, dt
 
@@ -541,12 +551,16 @@ def _project_bwd(means, quats, scales, viewmats, Ks, radii, g_m2d, g_con, g_dep,
     return g_means.sum(1), g_quats.sum(1), g_scales.sum(1)
 
 
-def _bin_gaussians(means2d, depths, radii, width: int, height: int):
+def _bin_gaussians(means2d, depths, radii, width: int, height: int, capacity: int = -1):
     """Per (scene·view, tile) lists of the Gaussians whose 3σ square overlaps the tile, front to back.
 
-    Returns offsets (B·V·tiles + 1,) int32 and ids (M,) int32 (Gaussian index n within its view): the
-    list of flat tile t = (b·V + v)·tiles + ty·TW + tx is ids[offsets[t]:offsets[t+1]]. One torch.sort
-    of int64 keys (flat tile << 32 | depth rank); ties in depth keep the Gaussian order.
+    Returns offsets (B·V·tiles + 1,) int32, ids (M,) int32 (Gaussian index n within its view) and
+    overflow (a 0-dim bool tensor): the list of flat tile t = (b·V + v)·tiles + ty·TW + tx is
+    ids[offsets[t]:offsets[t+1]]. Gaussians are put in depth order per view first (a stable argsort, so
+    equal depths keep the index order) and their tile intersections emitted in that order; one stable
+    sort of the 32-bit tile ids then groups them by tile without disturbing the depth order.
+    capacity < 0: M is the exact intersection count (one device->host read) and overflow is False;
+    capacity >= 0: M = capacity (no host read; intersections past it are dropped, overflow says so).
     Raises ValueError (before any large allocation) when an index would overflow int32.
     """
     B, V, N = radii.shape
@@ -554,30 +568,34 @@ def _bin_gaussians(means2d, depths, radii, width: int, height: int):
     TW, TH = triton.cdiv(width, TILE), triton.cdiv(height, TILE)
     NT = TW * TH
     check_index_range("tiles (B * V * tiles_x * tiles_y)", B * V * NT)
-    r = radii.to(means2d.dtype)[..., None]
-    lo = torch.floor((means2d - r) / TILE)
-    hi = torch.floor((means2d + r) / TILE)
-    tx0 = lo[..., 0].clamp(0, TW - 1).long()
-    tx1 = hi[..., 0].clamp(0, TW - 1).long()
-    ty0 = lo[..., 1].clamp(0, TH - 1).long()
-    ty1 = hi[..., 1].clamp(0, TH - 1).long()
-    nx = (tx1 - tx0 + 1).clamp(min=0)
-    cnt = torch.where(radii > 0, nx * (ty1 - ty0 + 1).clamp(min=0), torch.zeros_like(nx)).reshape(-1)
-    total = int(cnt.sum()) if cnt.numel() else 0
-    check_index_range("intersections (Gaussian x tile pairs)", total)
-    rank = torch.empty(B, V, N, dtype=torch.int64, device=dev)
-    rank.scatter_(-1, torch.argsort(depths, dim=-1, stable=True),
-                  torch.arange(N, device=dev).expand(B, V, N).contiguous())
-    gidx = torch.repeat_interleave(torch.arange(B * V * N, device=dev), cnt, output_size=total)
-    k = torch.arange(total, device=dev) - (torch.cumsum(cnt, 0) - cnt)[gidx]
-    nxg = nx.reshape(-1)[gidx].clamp(min=1)
-    tx = tx0.reshape(-1)[gidx] + k % nxg
-    ty = ty0.reshape(-1)[gidx] + k // nxg
-    tile = (gidx // N) * NT + ty * TW + tx
-    keys, order = torch.sort((tile << 32) | rank.reshape(-1)[gidx])
-    ids = (gidx[order] % N).to(torch.int32)
-    offsets = torch.searchsorted(keys >> 32, torch.arange(B * V * NT + 1, device=dev)).to(torch.int32)
-    return offsets, ids
+    order = torch.argsort(depths, dim=-1, stable=True)                       # (B, V, N) front to back
+    m = torch.gather(means2d, 2, order[..., None].expand(B, V, N, 2))
+    r = torch.gather(radii, 2, order)
+    lo = torch.floor((m - r[..., None].to(m.dtype)) / TILE)
+    hi = torch.floor((m + r[..., None].to(m.dtype)) / TILE)
+    tx0 = lo[..., 0].clamp(0, TW - 1).to(torch.int32).reshape(-1)
+    ty0 = lo[..., 1].clamp(0, TH - 1).to(torch.int32).reshape(-1)
+    nx = (hi[..., 0].clamp(0, TW - 1).to(torch.int32).reshape(-1) - tx0 + 1)
+    ny = (hi[..., 1].clamp(0, TH - 1).to(torch.int32).reshape(-1) - ty0 + 1)
+    cnt = torch.where(r.reshape(-1) > 0, nx * ny, 0)                      # tiles per Gaussian (<= NT)
+    cum = torch.cumsum(cnt, 0)                                             # int64
+    total = cum[-1] if cum.numel() else torch.zeros((), dtype=torch.int64, device=dev)
+    if capacity < 0:
+        M = int(total)
+        check_index_range("intersections (Gaussian x tile pairs)", M)
+    else:
+        M = check_index_range("max_intersections", capacity)
+    j = torch.arange(M, device=dev)
+    g = torch.searchsorted(cum, j, right=True).clamp(max=max(B * V * N - 1, 0))   # owner (bv, depth slot)
+    k = (j - (cum - cnt)[g]).to(torch.int32)                               # its k-th tile
+    nxg = nx[g].clamp(min=1)
+    tile = (g // max(N, 1)).to(torch.int32) * NT + (ty0[g] + k // nxg) * TW + tx0[g] + k % nxg
+    tile = torch.where(j < total, tile, B * V * NT)                          # unused capacity sorts last
+    keys, perm = torch.sort(tile, stable=True)
+    ids = order.reshape(-1)[g[perm]].to(torch.int32)
+    offsets = torch.searchsorted(keys, torch.arange(B * V * NT + 1, dtype=torch.int32, device=dev),
+                                 out_int32=True)
+    return offsets, ids, total > M
 
 
 def _rasterize_fwd(means2d, conics, depths, opacities, colors, background, offsets, ids, width, height):
@@ -626,7 +644,7 @@ def _rasterize_bwd(means2d, conics, depths, opacities, colors, background, offse
 # ============================================================================ registered ops
 
 
-@torch.library.custom_op("nano4d::splat_project", mutates_args=())
+@torch.library.custom_op("nano4d::project_gaussians", mutates_args=())
 def _project_op(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, viewmats: torch.Tensor,
                 Ks: torch.Tensor, width: int, height: int, near: float, far: float, eps2d: float
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -654,12 +672,12 @@ def _project_backward(ctx, g_m2d, g_con, g_dep, g_rad):
     g_m2d = z(B, V, N, 2) if g_m2d is None else g_m2d
     g_con = z(B, V, N, 3) if g_con is None else g_con
     g_dep = z(B, V, N) if g_dep is None else g_dep
-    gm, gq, gs = torch.ops.nano4d.splat_project_bwd(means, quats, scales, viewmats, Ks, radii, g_m2d, g_con,
+    gm, gq, gs = torch.ops.nano4d.project_gaussians_backward(means, quats, scales, viewmats, Ks, radii, g_m2d, g_con,
                                                     g_dep, ctx.eps2d)
     return gm, gq, gs, None, None, None, None, None, None, None
 
 
-@torch.library.custom_op("nano4d::splat_project_bwd", mutates_args=())
+@torch.library.custom_op("nano4d::project_gaussians_backward", mutates_args=())
 def _project_bwd_op(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, viewmats: torch.Tensor,
                     Ks: torch.Tensor, radii: torch.Tensor, g_m2d: torch.Tensor, g_con: torch.Tensor,
                     g_dep: torch.Tensor, eps2d: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -674,7 +692,7 @@ def _(means, quats, scales, viewmats, Ks, radii, g_m2d, g_con, g_dep, eps2d):
 _project_op.register_autograd(_project_backward, setup_context=_project_setup)
 
 
-@torch.library.custom_op("nano4d::splat_rasterize", mutates_args=())
+@torch.library.custom_op("nano4d::rasterize_gaussians", mutates_args=())
 def _raster_op(means2d: torch.Tensor, conics: torch.Tensor, depths: torch.Tensor, opacities: torch.Tensor,
                colors: torch.Tensor, background: torch.Tensor, offsets: torch.Tensor, ids: torch.Tensor,
                width: int, height: int
@@ -707,12 +725,12 @@ def _raster_backward(ctx, g_c, g_a, g_d, g_t, g_last):
     g_c = z(B, V, height, width, C) if g_c is None else g_c
     g_a = z(B, V, height, width, 1) if g_a is None else g_a
     g_d = z(B, V, height, width, 1) if g_d is None else g_d
-    grads = torch.ops.nano4d.splat_rasterize_bwd(means2d, conics, depths, opacities, colors, background, offsets,
+    grads = torch.ops.nano4d.rasterize_gaussians_backward(means2d, conics, depths, opacities, colors, background, offsets,
                                                  ids, width, height, out_t, last, g_c, g_a, g_d)
     return (*grads, None, None, None, None)
 
 
-@torch.library.custom_op("nano4d::splat_rasterize_bwd", mutates_args=())
+@torch.library.custom_op("nano4d::rasterize_gaussians_backward", mutates_args=())
 def _raster_bwd_op(means2d: torch.Tensor, conics: torch.Tensor, depths: torch.Tensor, opacities: torch.Tensor,
                    colors: torch.Tensor, background: torch.Tensor, offsets: torch.Tensor, ids: torch.Tensor,
                    width: int, height: int, out_t: torch.Tensor, last: torch.Tensor, g_c: torch.Tensor,
@@ -731,32 +749,59 @@ def _(means2d, conics, depths, opacities, colors, background, offsets, ids, widt
 _raster_op.register_autograd(_raster_backward, setup_context=_raster_setup)
 
 
+@torch.library.custom_op("nano4d::bin_gaussians", mutates_args=())
+def _bin_op(means2d: torch.Tensor, depths: torch.Tensor, radii: torch.Tensor, width: int, height: int,
+            capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bin_gaussians(means2d, depths, radii, width, height, capacity)
+
+
+@_bin_op.register_fake
+def _(means2d, depths, radii, width, height, capacity):
+    B, V = radii.shape[:2]
+    NT = triton.cdiv(width, TILE) * triton.cdiv(height, TILE)
+    M = capacity if capacity >= 0 else torch.library.get_ctx().new_dynamic_size()
+    return radii.new_empty(B * V * NT + 1), radii.new_empty(M), radii.new_empty((), dtype=torch.bool)
+
+
 # ============================================================================ public API
 
 
 def project_gaussians(means, quats, scales, viewmats, Ks, width: int, height: int, near: float = 0.01,
-                      far: float = 1e10, eps2d: float = 0.3):
+                      far: float = 1e10, eps2d: float = 0.3, validate: bool = True):
     """EWA-project B scenes of N Gaussians into V views each.
 
     Returns means2d (B,V,N,2), conics (B,V,N,3), depths (B,V,N) in the compute dtype and radii (B,V,N)
-    int32 (0 = culled). Differentiable w.r.t. means, quats, scales.
+    int32 (0 = culled). Differentiable w.r.t. means, quats, scales. ``validate=False`` skips the checks
+    that read values (NaN/Inf in viewmats and Ks: device->host reads); shapes, dtypes and devices are
+    always checked.
     """
-    B, V, N, _, dt = _validate(means, quats, scales, viewmats, Ks, width, height, near, far, eps2d)
+    B, V, N, _, dt = _validate(means, quats, scales, viewmats, Ks, width, height, near, far, eps2d,
+                               values=validate)
     args = [t.to(dt) for t in (means, quats, scales, viewmats, Ks)]
     if use_triton(means):
-        return torch.ops.nano4d.splat_project(*args, width, height, float(near), float(far), float(eps2d))
+        return torch.ops.nano4d.project_gaussians(*args, width, height, float(near), float(far), float(eps2d))
     return project_gaussians_ref(*args, width, height, near, far, eps2d)
 
 
 def rasterize_gaussians(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
-                        near: float = 0.01, far: float = 1e10, background=None, eps2d: float = 0.3):
+                        near: float = 0.01, far: float = 1e10, background=None, eps2d: float = 0.3,
+                        validate: bool = True, max_intersections: int | None = None):
     """Render B scenes of N Gaussians into V views each (layouts and math: module docstring).
 
     Returns colors (B,V,H,W,C), alphas (B,V,H,W,1), depths (B,V,H,W,1) (accumulated depth Σ wᵢzᵢ;
     expected depth = depths / alphas).
+
+    Device->host reads: ``validate=True`` checks viewmats, Ks and background for NaN/Inf (3 reads;
+    skipped with ``validate=False`` and while torch.compile traces); the Triton path reads the number of
+    tile intersections once to size its lists, unless ``max_intersections`` is given: then the lists
+    have that fixed size, the call makes no device->host read at all (CUDA-graph capturable), and if the
+    scene has more intersections than that every output is NaN (never a silently partial image).
     """
     B, V, N, C, dt = _validate(means, quats, scales, viewmats, Ks, width, height, near, far, eps2d,
-                               opacities, colors, background)
+                               opacities, colors, background, values=validate)
+    if max_intersections is not None and (isinstance(max_intersections, bool) or not isinstance(max_intersections, int)
+                                          or max_intersections < 0):
+        raise ValueError(f"max_intersections: expected an int >= 0 or None, got {max_intersections!r}")
     if background is None:
         background = torch.zeros(B, V, C, dtype=dt, device=means.device)
     means, quats, scales, opacities, colors, viewmats, Ks = (
@@ -768,16 +813,20 @@ def rasterize_gaussians(means, quats, scales, opacities, colors, viewmats, Ks, w
     TW, TH = triton.cdiv(width, TILE), triton.cdiv(height, TILE)
     check_index_range("tiles (B * V * tiles_x * tiles_y)", B * V * TW * TH)
     check_index_range("pixels (B * V * height * width)", B * V * height * width)
-    m2d, con, dep, rad = torch.ops.nano4d.splat_project(means, quats, scales, viewmats, Ks, width, height,
-                                                        float(near), float(far), float(eps2d))
+    m2d, con, dep, rad = torch.ops.nano4d.project_gaussians(means, quats, scales, viewmats, Ks, width, height,
+                                                            float(near), float(far), float(eps2d))
     ok = torch.isfinite(opacities) & torch.isfinite(colors).all(-1)      # bad opacity/colour -> culled
     rad = torch.where(ok[:, None], rad, torch.zeros_like(rad))
     opacities = torch.where(ok, opacities, torch.zeros_like(opacities))
     colors = torch.where(ok[..., None], colors, torch.zeros_like(colors))
+    cap = -1 if max_intersections is None else max_intersections
     with torch.no_grad():
-        offsets, ids = _bin_gaussians(m2d.detach(), dep.detach(), rad, width, height)
-    out = torch.ops.nano4d.splat_rasterize(m2d, con, dep, opacities, colors, background, offsets, ids,
-                                           width, height)
+        offsets, ids, overflow = torch.ops.nano4d.bin_gaussians(m2d.detach(), dep.detach(), rad, width, height, cap)
+    out = torch.ops.nano4d.rasterize_gaussians(m2d, con, dep, opacities, colors, background, offsets, ids,
+                                               width, height)
+    if cap >= 0:
+        nan = torch.where(overflow, float("nan"), 0.0).to(dt)
+        return out[0] + nan, out[1] + nan, out[2] + nan
     return out[0], out[1], out[2]
 
 

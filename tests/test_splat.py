@@ -290,7 +290,8 @@ def test_binning_equals_bruteforce_lists():
     sc = _cast(raw, torch.float32)
     m2d, _, dep, rad = kernels.project_gaussians(sc["means"], sc["quats"], sc["scales"], sc["viewmats"], sc["Ks"],
                                                  W, H, near=0.05)
-    offsets, ids = S._bin_gaussians(m2d, dep, rad, W, H)
+    offsets, ids, overflow = S._bin_gaussians(m2d, dep, rad, W, H)
+    assert not overflow
     m2d, dep, rad, offsets, ids = m2d.cpu(), dep.cpu(), rad.cpu(), offsets.cpu(), ids.cpu()
     TW, TH = -(-W // 16), -(-H // 16)
     assert offsets.numel() == B * V * TW * TH + 1 and offsets[0] == 0 and offsets[-1] == ids.numel()
@@ -312,6 +313,70 @@ def test_binning_equals_bruteforce_lists():
                     assert got == want, (b, v, ty, tx)
                     total += len(want)
     assert total == ids.numel() > 50
+
+
+def test_binning_fixed_capacity():
+    """max_intersections: the same lists without reading the count; too small a capacity -> overflow flag
+    and an all-NaN render (never a silently partial image)."""
+    W, H = 40, 35
+    sc = _cast(make_scene(1, 2, 60, 3, W, H, seed=12, scale=0.12), torch.float32)
+    m2d, _, dep, rad = kernels.project_gaussians(sc["means"], sc["quats"], sc["scales"], sc["viewmats"], sc["Ks"],
+                                                 W, H, near=0.05)
+    off, ids, ovf = S._bin_gaussians(m2d, dep, rad, W, H)
+    M = ids.numel()
+    off2, ids2, ovf2 = S._bin_gaussians(m2d, dep, rad, W, H, capacity=M + 37)
+    assert not ovf and not ovf2 and torch.equal(off, off2) and torch.equal(ids, ids2[:M])
+    assert S._bin_gaussians(m2d, dep, rad, W, H, capacity=M - 1)[2]
+    exact = _render(kernels.rasterize_gaussians, sc, W, H)
+    for a, b in zip(exact, _render(kernels.rasterize_gaussians, sc, W, H, max_intersections=M)):
+        assert torch.equal(a, b)
+    assert all(o.isnan().all() for o in _render(kernels.rasterize_gaussians, sc, W, H, max_intersections=M - 1))
+    with pytest.raises(ValueError, match="max_intersections"):
+        _render(kernels.rasterize_gaussians, sc, W, H, max_intersections=-1)
+
+
+def test_no_host_syncs_on_the_trusted_path():
+    """validate=False + max_intersections: rasterize_gaussians (Triton path) never reads a device value.
+    Run on meta tensors, where any read (item, bool, int, tolist, nonzero, ...) raises; the default
+    path's reads do raise there, so the check can fail."""
+    sc = {k: v.to("meta") for k, v in _cast(make_scene(1, 3, 20, 3, 40, 30, seed=1), torch.float32).items()}
+    out = _render(kernels.rasterize_gaussians, sc, 40, 30, validate=False, max_intersections=5000)
+    assert [tuple(o.shape) for o in out] == [(1, 3, 30, 40, 3), (1, 3, 30, 40, 1), (1, 3, 30, 40, 1)]
+    for kw in (dict(validate=False), dict(max_intersections=5000)):     # each alone still reads
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            _render(kernels.rasterize_gaussians, sc, 40, 30, **kw)
+
+
+@pytest.mark.parametrize("path", ["kernel", "ref"])
+def test_torch_compile_fullgraph(path, monkeypatch):
+    """project_gaussians and rasterize_gaussians compile with fullgraph=True, forward and backward, on the
+    Triton path (interpreter) and on the CPU reference path, and agree with eager."""
+    if path == "ref":
+        monkeypatch.setenv("NANO4D_FORCE_TRITON", "0")
+    torch._dynamo.reset()
+    W, H = 20, 17
+    sc = _cast(make_scene(1, 2, 30, 3, W, H, seed=3, special=False), torch.float32, grad=True)
+    keys = ("means", "quats", "scales", "opacities", "colors", "viewmats", "Ks", "background")
+
+    def render(means, quats, scales, opacities, colors, viewmats, Ks, background):
+        return kernels.rasterize_gaussians(means, quats, scales, opacities, colors, viewmats, Ks, W, H, near=0.05,
+                                           background=background)
+
+    def project(means, quats, scales, viewmats, Ks):
+        return kernels.project_gaussians(means, quats, scales, viewmats, Ks, W, H, near=0.05)
+    for fn, names, wrt in ((render, keys, GRAD_KEYS), (project, ("means", "quats", "scales", "viewmats", "Ks"),
+                                                       ("means", "quats", "scales"))):
+        args = [sc[k] for k in names]
+        eager, comp = fn(*args), torch.compile(fn, fullgraph=True)(*args)
+        fl = [o for o in eager if o.is_floating_point()]
+        fc = [o for o in comp if o.is_floating_point()]
+        for a, b in zip(eager, comp):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        ge = torch.autograd.grad(sum(o.sum() for o in fl), [sc[k] for k in wrt])
+        gc = torch.autograd.grad(sum(o.sum() for o in fc), [sc[k] for k in wrt])
+        for a, b in zip(ge, gc):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    torch._dynamo.reset()
 
 
 # ----------------------------------------------------------------------------- properties
@@ -517,12 +582,13 @@ def test_intersection_overflow_raises_before_launch():
 def test_opcheck_registered_ops():
     sc = _cast(make_scene(1, 1, 12, 3, 14, 11, seed=2, special=False), torch.float32, grad=True)
     args = (sc["means"], sc["quats"], sc["scales"], sc["viewmats"], sc["Ks"], 14, 11, 0.05, 1e10, 0.3)
-    torch.library.opcheck(torch.ops.nano4d.splat_project.default, args)
-    m2d, con, dep, rad = torch.ops.nano4d.splat_project(*args)
-    offsets, ids = S._bin_gaussians(m2d.detach(), dep.detach(), rad, 14, 11)
+    torch.library.opcheck(torch.ops.nano4d.project_gaussians.default, args)
+    m2d, con, dep, rad = torch.ops.nano4d.project_gaussians(*args)
+    torch.library.opcheck(torch.ops.nano4d.bin_gaussians.default, (m2d.detach(), dep.detach(), rad, 14, 11, 400))
+    offsets, ids, _ = S._bin_gaussians(m2d.detach(), dep.detach(), rad, 14, 11)
     rargs = (m2d.detach().requires_grad_(), con.detach().requires_grad_(), dep.detach().requires_grad_(),
              sc["opacities"], sc["colors"], sc["background"], offsets, ids, 14, 11)
-    torch.library.opcheck(torch.ops.nano4d.splat_rasterize.default, rargs)
+    torch.library.opcheck(torch.ops.nano4d.rasterize_gaussians.default, rargs)
 
 
 _P = "*fp32"
