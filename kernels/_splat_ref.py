@@ -73,14 +73,21 @@ def project_gaussians_ref(means, quats, scales, viewmats, Ks, width: int, height
     T0 = (fx / zs)[..., None] * Mc[..., 0, :] - (fx * x / (zs * zs))[..., None] * Mc[..., 2, :]
     T1 = (fy / zs)[..., None] * Mc[..., 1, :] - (fy * y / (zs * zs))[..., None] * Mc[..., 2, :]
     a, b, c = (T0 * T0).sum(-1) + eps2d, (T0 * T1).sum(-1), (T1 * T1).sum(-1) + eps2d
-    det = a * c - b * b
+    # work on Σ₂ / m, m = max(a, c), with det = |T0 × T1|² + eps2d (a + c − eps2d) (Lagrange's identity): no
+    # overflow for any finite Σ₂ (a·c overflows fp32 at scales ~1e10), no cancellation for thin Gaussians;
+    # a non-finite Σ₂ is culled
+    m = torch.maximum(a, c)
+    m = torch.where(m > 0, m, torch.ones_like(m))
+    cross = torch.linalg.cross(T0, T1, dim=-1) / m[..., None]
+    a, b, c = a / m, b / m, c / m
+    det = (cross * cross).sum(-1) + eps2d / m * (a + c - eps2d / m)
     ok_det = det > 0
-    dets = torch.where(ok_det, det, torch.ones_like(det))
+    dets = torch.where(ok_det, det, torch.ones_like(det)) * m
     conics = torch.stack([c / dets, -b / dets, a / dets], -1)
     u, v = fx * x / zs + cx, fy * y / zs + cy
     with torch.no_grad():
         mid = 0.5 * (a + c)
-        lam = mid + torch.sqrt(torch.clamp(mid * mid - det, min=0.0))
+        lam = m * (mid + torch.sqrt(torch.clamp(mid * mid - det, min=0.0)))
         r = torch.ceil(torch.clamp(3.0 * torch.sqrt(torch.clamp(lam, min=0.0)), max=RADIUS_MAX))
         valid = (fin[:, None] & in_depth & ok_det & (u + r > 0) & (u - r < width) & (v + r > 0)
                  & (v - r < height) & torch.isfinite(u) & torch.isfinite(v) & torch.isfinite(r)
@@ -187,13 +194,16 @@ def _candidate_pairs(means2d: torch.Tensor, conics: torch.Tensor, depths: torch.
                   torch.arange(N, device=dev).expand(B, V, N).contiguous())
     tx0, tx1, ty0, ty1 = _tile_rect(means2d, radii)
     con = conics
-    det = con[..., 0] * con[..., 2] - con[..., 1] ** 2
+    mc = torch.maximum(con[..., 0], con[..., 2])                # conic / mc: no under/overflow for any Σ₂
+    mc = torch.where(mc > 0, mc, torch.ones_like(mc))
+    na, nb, nc = con[..., 0] / mc, con[..., 1] / mc, con[..., 2] / mc
+    det = na * nc - nb * nb
     o = opacities[:, None, :].expand(B, V, N)
     s = torch.log(torch.clamp(255.0 * o, min=1.0))              # σ bound (0 when o·255 <= 1)
     live = (radii > 0) & (o * 255.0 >= 1.0) & (det > 0)
-    dets = torch.where(det > 0, det, torch.ones_like(det))
-    hx = torch.sqrt(torch.clamp(2 * s * con[..., 2] / dets, min=0)) + 1.0
-    hy = torch.sqrt(torch.clamp(2 * s * con[..., 0] / dets, min=0)) + 1.0
+    dets = torch.where(det > 0, det, torch.ones_like(det)) * mc
+    hx = torch.sqrt(torch.clamp(2 * s * nc / dets, min=0)) + 1.0
+    hy = torch.sqrt(torch.clamp(2 * s * na / dets, min=0)) + 1.0
     u, v = means2d[..., 0], means2d[..., 1]
     big = float(max(W, H) + 2)
     j0 = torch.maximum(torch.ceil(torch.clamp(u - hx - 0.5, -big, big)).long(), torch.clamp(tx0 * TILE, min=0))
@@ -205,17 +215,17 @@ def _candidate_pairs(means2d: torch.Tensor, conics: torch.Tensor, depths: torch.
     keep_g = torch.nonzero(nrow).flatten()                                   # Gaussians with candidates
     nrow = nrow[keep_g]
     ints = torch.stack([j0, j1, i0, rank], -1).reshape(-1, 4)[keep_g]
-    flts = torch.stack([u, v, con[..., 0], con[..., 1], con[..., 2], o, s], -1).reshape(-1, 7)[keep_g]
+    flts = torch.stack([u, v, con[..., 0], con[..., 1], con[..., 2], o, s, na, nb, nc, s / mc], -1).reshape(-1, 11)[keep_g]
     # level 1: (Gaussian, row); on each row the σ ≤ s ellipse spans an exact column interval, widened
     # by 1 px for rounding (rows the ellipse misses keep a ~3 px interval: still only a superset)
     rg = torch.repeat_interleave(torch.arange(keep_g.numel(), device=dev), nrow)
     ri = ints[rg, 2] + torch.arange(rg.numel(), device=dev) - (torch.cumsum(nrow, 0) - nrow)[rg]
     f = flts[rg]
     dyr = ri.to(dt) + 0.5 - f[:, 1]
-    disc = (f[:, 3] * dyr) ** 2 - f[:, 2] * (f[:, 4] * dyr * dyr - 2 * f[:, 6])
+    disc = (f[:, 8] * dyr) ** 2 - f[:, 7] * (f[:, 9] * dyr * dyr - 2 * f[:, 10])      # on the conic / mc
     sq = torch.sqrt(torch.clamp(disc, min=0))
-    lo = f[:, 0] + (-f[:, 3] * dyr - sq) / f[:, 2] - 0.5 - 1.0
-    hi = f[:, 0] + (-f[:, 3] * dyr + sq) / f[:, 2] - 0.5 + 1.0
+    lo = f[:, 0] + (-f[:, 8] * dyr - sq) / f[:, 7] - 0.5 - 1.0
+    hi = f[:, 0] + (-f[:, 8] * dyr + sq) / f[:, 7] - 0.5 + 1.0
     c0 = torch.maximum(torch.ceil(torch.clamp(lo, -big, big)).long(), ints[rg, 0])
     c1 = torch.minimum(torch.floor(torch.clamp(hi, -big, big)).long(), ints[rg, 1])
     ncol = (c1 - c0 + 1).clamp(min=0)

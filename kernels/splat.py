@@ -4,7 +4,11 @@ Math (per scene b, view v, Gaussian n; reference: ``kernels/_splat_ref.py``):
   Σ = R(q) S² R(q)ᵀ with q = quats/|quats| (w,x,y,z), S = diag(scales);  p = W·mean + t  (viewmat = [W t]).
   Σ₂ = J W Σ Wᵀ Jᵀ + eps2d·I,  J = [[fx/z, 0, −fx·x/z²], [0, fy/z, −fy·y/z²]]  (EWA; K's skew is ignored)
   mean2d = (fx·x/z + cx, fy·y/z + cy),  depth = z,  conic = (a, b, c) = upper triangle of Σ₂⁻¹,
-  radius = ceil(3·sqrt(λ_max(Σ₂))) (capped at 2²⁴).  radius = 0 (culled; means2d/conics/depths = 0) when
+  radius = ceil(3·sqrt(λ_max(Σ₂))) (capped at 2²⁴). det Σ₂ and λ_max are evaluated on Σ₂ / max(Σ₂ diagonal),
+  det as |rows of J W R S crossed|² + eps2d·(trace − eps2d) (no overflow, no cancellation), so any finite
+  Σ₂ works (fp32 scales of 1e10 draw over the whole image, as fp64 does); the limit is a finite Σ₂ in
+  the compute dtype (fp32: entries of J W R S below ~1e19), beyond it the kernel and the reference both
+  cull the Gaussian.  radius = 0 (culled; means2d/conics/depths = 0) when
   z ∉ [near, far], det Σ₂ ≤ 0, the square [u±r]×[v±r] misses the image, or any input of the Gaussian
   (mean, quat, scale, opacity, colour) is NaN/Inf or the quaternion is zero: bad Gaussians are culled,
   never read out of bounds. NaN/Inf in viewmats, Ks or background raise ValueError.
@@ -118,21 +122,27 @@ def _splat_project_fwd_kernel(means_ptr, quats_ptr, scales_ptr, view_ptr, k_ptr,
     ca = a0 * a0 + a1 * a1 + a2 * a2 + eps2d
     cb = a0 * b0 + a1 * b1 + a2 * b2
     cc = b0 * b0 + b1 * b1 + b2 * b2 + eps2d
-    det = ca * cc - cb * cb
+    # Σ₂ / sc with sc = max(Σ₂ diagonal), det(Σ₂ / sc) = (|a × b|² + eps2d (ca + cc − eps2d)) / sc²: no overflow
+    # for any finite Σ₂ (fp32 scales of 1e10 overflow ca·cc) and no cancellation for needle-thin Gaussians
+    sc = tl.maximum(ca, cc)
+    rs = 1.0 / tl.where(sc > 0, sc, 1.0)
+    na, nb, nc = ca * rs, cb * rs, cc * rs
+    x0, x1, x2 = (a1 * b2 - a2 * b1) * rs, (a2 * b0 - a0 * b2) * rs, (a0 * b1 - a1 * b0) * rs
+    det = x0 * x0 + x1 * x1 + x2 * x2 + eps2d * rs * (na + nc - eps2d * rs)
     okd = det > 0
-    idet = 1.0 / tl.where(okd, det, 1.0)
+    idet = 1.0 / tl.where(okd, det * sc, 1.0)
     u, v = fx * px * rz + cx, fy * py * rz + cy
-    mid = 0.5 * (ca + cc)
-    lam = mid + tl.sqrt(tl.maximum(mid * mid - det, 0.0))
+    mid = 0.5 * (na + nc)
+    lam = sc * (mid + tl.sqrt(tl.maximum(mid * mid - det, 0.0)))
     r = tl.ceil(tl.minimum(3.0 * tl.sqrt(tl.maximum(lam, 0.0)), 16777216.0))
     valid = (msk & fin & in_depth & okd & (u + r > 0) & (u - r < W) & (v + r > 0) & (v - r < H)
-             & _fin(u) & _fin(v) & _fin(r) & _fin(cc * idet) & _fin(cb * idet) & _fin(ca * idet))
+             & _fin(u) & _fin(v) & _fin(r) & _fin(nc * idet) & _fin(nb * idet) & _fin(na * idet))
     o = bv * N + n
     tl.store(m2d_ptr + o * 2 + 0, tl.where(valid, u, 0.0), mask=msk)
     tl.store(m2d_ptr + o * 2 + 1, tl.where(valid, v, 0.0), mask=msk)
-    tl.store(con_ptr + o * 3 + 0, tl.where(valid, cc * idet, 0.0), mask=msk)
-    tl.store(con_ptr + o * 3 + 1, tl.where(valid, -cb * idet, 0.0), mask=msk)
-    tl.store(con_ptr + o * 3 + 2, tl.where(valid, ca * idet, 0.0), mask=msk)
+    tl.store(con_ptr + o * 3 + 0, tl.where(valid, nc * idet, 0.0), mask=msk)
+    tl.store(con_ptr + o * 3 + 1, tl.where(valid, -nb * idet, 0.0), mask=msk)
+    tl.store(con_ptr + o * 3 + 2, tl.where(valid, na * idet, 0.0), mask=msk)
     tl.store(dep_ptr + o, tl.where(valid, pz, 0.0), mask=msk)
     tl.store(rad_ptr + o, tl.where(valid, r, 0.0).to(tl.int32), mask=msk)
 
@@ -186,8 +196,12 @@ def _splat_project_bwd_kernel(means_ptr, quats_ptr, scales_ptr, view_ptr, k_ptr,
     ca = a0 * a0 + a1 * a1 + a2 * a2 + eps2d
     cb = a0 * b0 + a1 * b1 + a2 * b2
     cc = b0 * b0 + b1 * b1 + b2 * b2 + eps2d
-    det = ca * cc - cb * cb
-    id2 = 1.0 / tl.where(valid, det * det, 1.0)
+    sc = tl.maximum(ca, cc)                      # det(Σ₂ / sc) as in the forward
+    rs = 1.0 / tl.where(valid, sc, 1.0)
+    na, nb, nc = ca * rs, cb * rs, cc * rs
+    x0, x1, x2 = (a1 * b2 - a2 * b1) * rs, (a2 * b0 - a0 * b2) * rs, (a0 * b1 - a1 * b0) * rs
+    qd = 1.0 / tl.where(valid, (x0 * x0 + x1 * x1 + x2 * x2 + eps2d * rs * (na + nc - eps2d * rs)) * sc, 1.0)
+    id2 = qd * qd
     # incoming grads
     gu = tl.load(gm2d_ptr + o * 2 + 0, mask=valid, other=0).to(ACC)
     gv = tl.load(gm2d_ptr + o * 2 + 1, mask=valid, other=0).to(ACC)
@@ -196,9 +210,9 @@ def _splat_project_bwd_kernel(means_ptr, quats_ptr, scales_ptr, view_ptr, k_ptr,
     gC = tl.load(gcon_ptr + o * 3 + 2, mask=valid, other=0).to(ACC)
     gz = tl.load(gdep_ptr + o, mask=valid, other=0).to(ACC)
     # conic = (c, -b, a) / det  ->  grads of the 2D covariance entries a=ca, b=cb, c=cc
-    ga = (-gA * cc * cc + gB * cb * cc - gC * cb * cb) * id2
-    gb = (2 * gA * cb * cc - gB * (ca * cc + cb * cb) + 2 * gC * ca * cb) * id2
-    gc = (-gA * cb * cb + gB * ca * cb - gC * ca * ca) * id2
+    ga = (-gA * nc * nc + gB * nb * nc - gC * nb * nb) * id2
+    gb = (2 * gA * nb * nc - gB * (na * nc + nb * nb) + 2 * gC * na * nb) * id2
+    gc = (-gA * nb * nb + gB * na * nb - gC * na * na) * id2
     ga0, ga1, ga2 = 2 * ga * a0 + gb * b0, 2 * ga * a1 + gb * b1, 2 * ga * a2 + gb * b2
     gb0, gb1, gb2 = gb * a0 + 2 * gc * b0, gb * a1 + 2 * gc * b1, gb * a2 + 2 * gc * b2
     # rows of J Mc -> Mc and J

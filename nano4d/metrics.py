@@ -327,7 +327,10 @@ class LPIPS(nn.Module):
         if n == 0:
             return x.new_zeros(0)
         with torch.autocast(x.device.type, enabled=False):                   # fp32 even inside bf16 autocast
-            return self._distance(torch.cat([x, y]).to(self.convs[0].weight.dtype), n, normalize)
+            # one NCHW-contiguous copy: channels-last inputs (e.g. a permuted (B, H, W, C) render) would
+            # make every convolution re-lay its weights, forward and backward
+            xy = torch.cat([x, y]).to(self.convs[0].weight.dtype).contiguous()
+            return self._distance(xy, n, normalize)
 
     def _distance(self, xy: torch.Tensor, n: int, normalize: bool) -> torch.Tensor:
         if normalize:

@@ -12,7 +12,8 @@ from kernels import splat as S
 from kernels._splat_ref import rasterize_pairs_ref
 from tests.tolerance import ATOL, err_report
 
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter: inf - inf
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),   # interpreter: inf - inf,
+              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]     # fp32 Σ₂ past its limit
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
 
@@ -504,6 +505,36 @@ def test_nan_inf_gaussians_are_culled(fn):
     assert out_good[1].max() > 0.3
     for g in _grads(out_bad, bad):
         assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("fn", ["kernel", "ref"])
+def test_huge_and_needle_scales_fp32(fn):
+    """fp32 scales of 1e10 (Σ₂ ~ 1e22: its determinant would overflow) and a needle (1e9 x 1e-3 x 1e-3: ac − b²
+    cancels) render as in fp64; past the documented limit (a non-finite Σ₂ in fp32, scales ~1e20) the
+    kernel and the reference both cull the Gaussian."""
+    W, H = 20, 17
+    fnc = kernels.rasterize_gaussians if fn == "kernel" else kernels.rasterize_gaussians_ref
+    proj = kernels.project_gaussians if fn == "kernel" else kernels.project_gaussians_ref
+    for sv in ([1e10, 1e10, 1e10], [1e9, 1e-3, 1e-3], [1e20, 1e20, 1e20]):
+        raw = make_scene(1, 1, 6, 3, W, H, seed=0, special=False)
+        raw["scales"][0, 2] = torch.tensor(sv, dtype=torch.float64)
+        raw["opacities"][0, 2] = 0.5
+        s32 = _cast(raw, torch.float32)
+        out32 = _render(fnc, s32, W, H)
+        out64 = _render(kernels.rasterize_gaussians_ref, _cast(raw, torch.float64), W, H)
+        rad = [p(*[s32[k] for k in ("means", "quats", "scales", "viewmats", "Ks")], W, H, near=0.05)[3][0, 0, 2].item()
+               for p in (kernels.project_gaussians, kernels.project_gaussians_ref)]
+        if sv[0] < 1e19:
+            assert rad == [2 ** 24, 2 ** 24]
+            for a, b in zip(out32, out64):
+                torch.testing.assert_close(a.double(), b, atol=2e-6, rtol=1e-5)
+        else:                                           # the limit: culled on both paths, all values finite
+            assert rad == [0, 0] and all(torch.isfinite(o).all() for o in out32)
+            assert (out64[1] >= 0.5).all()              # (fp64 still draws it)
+        if fn == "kernel":
+            g = _cast(raw, torch.float32, grad=True)
+            grads = _grads(_render(fnc, g, W, H), g)
+            assert all(torch.isfinite(t).all() for t in grads)
 
 
 @pytest.mark.parametrize("fn", ["kernel", "ref"])
