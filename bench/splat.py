@@ -2,6 +2,7 @@
 
     python bench/splat.py            # GPU: the issue's sizes (a)-(d), Triton vs reference vs gsplat
     python bench/splat.py --tiny     # CPU smoke run in seconds (reference paths + the interpreted kernel)
+    python bench/splat.py --static   # no GPU needed: compile for sm_90 as the JIT would, read ptxas -v and SASS
 
 Cases (GPU): (a) GeoLRM: B=1, N=131072, V=8, 448x448, C=3, Gaussians filling a unit cube seen from a
 camera ring; (b) B=4 of the same; (c) one 1920x1080 view of 1M Gaussians (gsplat's benchmark size);
@@ -10,6 +11,13 @@ fits in memory, and gsplat's ``rasterization`` (RGB+D, packed=False) when ``impo
 Reported: median ms (triton.testing.do_bench on GPU, perf_counter medians on CPU) of forward and
 forward+backward (loss on colour, alpha and depth), peak extra memory, and Gaussian-pixel evaluations
 per second (intersections x 256 pixels per tile, the work the tiled kernel does before early exit).
+
+``--static`` (case (a), C = 3, or ``--channels``): the launchers' real block sizes and the JIT's argument
+specialization (Triton's own binder on meta tensors: 16-byte-aligned pointers, ints divisible by 16),
+compiled for sm_90 (``--arch``); per kernel: registers, spill bytes and stack from ``ptxas -v`` (the
+ptxas shipped in the triton wheel), SASS instructions of the hottest (longest innermost) loop and per pixel-Gaussian
+pair (loop length / pairs one thread handles per iteration), atomics in that loop and whether they are
+relaxed (no fence). ``--json`` prints the same as JSON.
 """
 from __future__ import annotations
 
@@ -121,12 +129,158 @@ def gsplat_impl():
     return fn
 
 
+# ----------------------------------------------------------------------------- static profile (no GPU)
+
+def _jit_compile(kernel, args, kwargs, arch):
+    """Compile ``kernel`` as ``kernel[grid](*args, **kwargs)`` would on an sm_``arch`` GPU: Triton's binder
+    computes the specialization from the (meta) arguments."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, spec, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def _tool(name):
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _ptxas_v(ptx, arch):
+    import re
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [_tool("ptxas-blackwell" if os.path.exists(_tool("ptxas-blackwell")) else "ptxas"),
+               f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v", src, "-o", os.path.join(d, "k.cubin")]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    num = lambda pat: int(re.search(pat, out).group(1)) if re.search(pat, out) else 0  # noqa: E731
+    return {"regs": num(r"Used (\d+) registers"), "spill_st": num(r"(\d+) bytes spill stores"),
+            "spill_ld": num(r"(\d+) bytes spill loads"), "stack": num(r"(\d+) bytes stack frame")}
+
+
+def _sass_loops(cubin):
+    """SASS instructions and the backward-branch loops [(first, last instruction index)] of a cubin."""
+    import re
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        text = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
+    ins, labels, pending = [], {}, []
+    for line in text.splitlines():
+        lab = re.match(r"^\s*(\.L\w+):", line)
+        if lab:
+            pending.append(lab.group(1))
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            for lb in pending:
+                labels[lb] = len(ins)
+            pending = []
+            ins.append(m.group(2))
+    loops = []
+    for i, t in enumerate(ins):
+        m = re.search(r"BRA\s+`?\(?(\.L\w+)", t)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:          # (not the BRA-to-self after EXIT)
+            loops.append((labels[m.group(1)], i))
+    return ins, loops
+
+
+def static_profile(C=3, arch=90):
+    """Per rasterizer/projection kernel at case (a): registers, spills, SASS per pair, atomics (see the
+    module docstring). The launchers' own block-size functions give the configuration."""
+    import triton.language as tl
+    from kernels import splat as S
+    B, V, N, H, W = 1, 8, 131072, 448, 448
+    TW, NT, M = triton_cdiv(W, S.TILE), triton_cdiv(W, S.TILE) * triton_cdiv(H, S.TILE), 7_000_000
+    f = lambda *s, dt=torch.float32: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
+    m2d, con, dep, opa, col, bg = f(B, V, N, 2), f(B, V, N, 3), f(B, V, N), f(B, N), f(B, N, C), f(B, V, C)
+    off, ids, i32 = f(B * V * NT + 1, dt=torch.int32), f(M, dt=torch.int32), torch.int32
+    CB, nw = S._raster_blocks(C)
+    img = lambda c: f(B, V, H, W, c)  # noqa: E731
+    pix_per_thread = S.TILE * S.TILE // (32 * nw)
+    cases = {
+        "raster fwd": (S._splat_raster_fwd_kernel,
+                       [m2d, con, dep, opa, col, bg, off, ids, img(C), img(1), img(1), f(B, V, H, W), f(B, V, H, W, dt=i32),
+                        N, V, C, H, W, TW, NT],
+                       dict(TILE=S.TILE, R=1, CB=CB, CHUNK=S._CHUNK, ACC=tl.float32, num_warps=nw), pix_per_thread),
+        "raster bwd": (S._splat_raster_bwd_kernel,
+                       [m2d, con, dep, opa, col, bg, off, ids, f(B, V, H, W), f(B, V, H, W, dt=i32), f(B, V, C, H, W),
+                        img(1), img(1), f(B, V, N, 2), f(B, V, N, 3), f(B, V, N), f(B, N), f(B, N, C), N, V, C, H, W, TW, NT],
+                       dict(TILE=S.TILE, R=1, CB=CB, ONE_CB=C <= CB, ACC=tl.float32, num_warps=nw), pix_per_thread),
+    }
+    pts = [f(B, N, 3), f(B, N, 4), f(B, N, 3), f(B, V, 4, 4), f(B, V, 3, 3)]
+    blk = 256
+    cases["project fwd"] = (S._splat_project_fwd_kernel,
+                            pts + [m2d, con, dep, f(B, V, N, dt=i32), N, V, W, H, 0.01, 1e10, 0.3],
+                            dict(BLOCK=blk, ACC=tl.float32), None)
+    cases["project bwd"] = (S._splat_project_bwd_kernel,
+                            pts + [f(B, V, N, dt=i32), m2d, con, dep, f(B, V, N, 3), f(B, V, N, 4), f(B, V, N, 3), N, V, 0.3],
+                            dict(BLOCK=blk, ACC=tl.float32), None)
+    rows = {}
+    for name, (kern, args, kw, ppt) in cases.items():
+        c = _jit_compile(kern, args, kw, arch)
+        r = _ptxas_v(c.asm["ptx"], arch)
+        ins, loops = _sass_loops(c.asm["cubin"])
+        inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+        lo, hi = max(inner, key=lambda ab: ab[1] - ab[0]) if inner else (0, len(ins) - 1)   # hottest: innermost
+        body = ins[lo:hi + 1]
+        opcode = lambda t: t.split()[1 if t.startswith("@") else 0].split(".")[0]  # noqa: E731
+        atoms = [t for t in body if opcode(t) in ("RED", "REDG", "ATOM", "ATOMG")]
+        r.update(sass_total=len(ins), loop=hi - lo + 1,
+                 per_pair=round((hi - lo + 1) / ppt, 1) if ppt else None,
+                 atomics_in_loop=len(atoms), fences_in_loop=sum("MEMBAR" in t or "FENCE" in t for t in body),
+                 ptx_atomics_not_relaxed=sum(1 for ln in c.asm["ptx"].splitlines()
+                                             if ln.strip().startswith(("atom.", "red.")) and ".relaxed" not in ln),
+                 shared=int(c.metadata.shared), num_warps=kw.get("num_warps", 4))
+        rows[name] = r
+    return rows
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def print_static(rows, C, arch, as_json=False):
+    import json
+    if as_json:
+        print(json.dumps(rows))
+        return
+    print(f"sm_{arch}, case (a) GeoLRM: B=1, V=8, N=131072, 448x448, C={C}; JIT specialization, ptxas -v")
+    print("| kernel | warps | regs | spill st/ld B | stack B | SASS hot loop | per pair | atomics in loop (fences) | non-relaxed PTX atomics |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        loop = r["loop"] if r["per_pair"] is not None else f"(no loop; {r['sass_total']} total)"
+        print(f"| {name} | {r['num_warps']} | {r['regs']} | {r['spill_st']} / {r['spill_ld']} | {r['stack']} | {loop} | "
+              f"{r['per_pair'] if r['per_pair'] is not None else '-'} | {r['atomics_in_loop']} ({r['fences_in_loop']}) | "
+              f"{r['ptx_atomics_not_relaxed']} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run (seconds)")
     ap.add_argument("--cpu-train-size", action="store_true", help="with --tiny: also B=2, V=6, N=8000 (slow)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for --tiny (1: stable on a shared CPU)")
+    ap.add_argument("--static", action="store_true", help="compile for a GPU target without one; registers, spills, SASS")
+    ap.add_argument("--arch", type=int, default=90, help="with --static: CUDA arch (90 = H100, 80 = A100)")
+    ap.add_argument("--channels", type=int, default=3, help="with --static: colour channels C")
+    ap.add_argument("--json", action="store_true", help="with --static: print JSON")
     args = ap.parse_args()
+    if args.static:
+        os.environ.pop("TRITON_INTERPRET", None)
+        os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        print_static(static_profile(args.channels, args.arch), args.channels, args.arch, args.json)
+        return
     if args.tiny or not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"   # before triton kernels are defined
     import kernels

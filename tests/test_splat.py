@@ -1,6 +1,7 @@
 """Tests for kernels/splat.py (3D Gaussian splatting): reference vs brute force, kernels vs reference,
 thresholds, binning, bad inputs, registered ops, AOT compile. On CPU the kernels run in the interpreter."""
 import math
+import os
 
 import pytest
 import torch
@@ -701,6 +702,28 @@ def test_aot_compile_fp64():
                              (S._splat_raster_fwd_kernel, _RAST_FWD_SIG, _raster_const(4, True, False)),
                              (S._splat_raster_bwd_kernel, _RAST_BWD_SIG, _raster_const(4, True, True))]:
         aot_compile(kern, f64(sig), dict(const, ACC=tl.float64), num_warps=1)
+
+
+@pytest.mark.slow
+def test_static_profile_targets():
+    """At GeoLRM's shape (C = 3), compiled for sm_90 as the JIT would (``bench/splat.py --static``): no kernel
+    spills, the forward's hot loop is at most 50 SASS instructions per pixel-Gaussian pair, the backward's
+    below 200, and every atomic is relaxed (no fence in the loop)."""
+    import json
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join("bench", "splat.py"), "--static", "--json"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(rows) == {"raster fwd", "raster bwd", "project fwd", "project bwd"}
+    for name, r in rows.items():
+        assert r["spill_st"] == r["spill_ld"] == r["stack"] == 0, (name, r)
+        assert r["ptx_atomics_not_relaxed"] == 0 and r["fences_in_loop"] == 0, (name, r)
+    assert rows["raster fwd"]["per_pair"] <= 50 and rows["raster fwd"]["atomics_in_loop"] == 0
+    assert rows["raster bwd"]["per_pair"] < 200 and rows["raster bwd"]["atomics_in_loop"] > 0
 
 
 # ----------------------------------------------------------------------------- GPU (real sizes)
