@@ -51,8 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import (FLOAT_DTYPES, check_finite, check_index_range, check_same_device, check_tensor,
-                             interpreting, next_pow2, use_triton)
+from kernels._common import (FLOAT_DTYPES, acc_dtype, check_finite, check_index_range, check_same_device,
+                             check_tensor, interpreting, launch, next_pow2, tl_dtype, tracing, use_triton)
 from kernels._splat_ref import (project_gaussians_ref, rasterize_from_projection_ref,  # noqa: F401
                                 rasterize_gaussians_ref)
 
@@ -465,7 +465,7 @@ def _validate(means, quats, scales, viewmats, Ks, width, height, near, far, eps2
               opacities=None, colors=None, background=None, values: bool = True):
     """Check shapes/dtypes/devices, and with ``values`` (not while torch.compile traces) NaN/Inf in
     viewmats, Ks and background; return (B, V, N, C, compute dtype)."""
-    values = values and not torch.compiler.is_compiling()
+    values = values and not tracing()
     check_tensor("means", means, ndim=3, dtypes=FLOAT_DTYPES)
     B, N = means.shape[0], means.shape[1]
     if means.shape[2] != 3:
@@ -500,15 +500,11 @@ def _validate(means, quats, scales, viewmats, Ks, width, height, near, far, eps2
     if values:
         check_finite("viewmats", viewmats)
         check_finite("Ks", Ks)
-    dt = torch.float64 if means.dtype == torch.float64 else torch.float32
+    dt = acc_dtype(means)
     return B, V, N, C, dt
 
 
 # ============================================================================ launchers
-
-
-def _acc(dt):
-    return tl.float64 if dt == torch.float64 else tl.float32
 
 
 def _proj_block(n: int) -> int:
@@ -543,9 +539,10 @@ def _project_fwd(means, quats, scales, viewmats, Ks, width, height, near, far, e
     if N == 0:
         return m2d, con, dep, rad
     BLOCK = _proj_block(N)
-    _splat_project_fwd_kernel[(triton.cdiv(N, BLOCK), B * V)](
+    launch(
+        _splat_project_fwd_kernel, (triton.cdiv(N, BLOCK), B * V),
         means, quats, scales, viewmats, Ks, m2d, con, dep, rad, N, V, width, height,
-        float(near), float(far), float(eps2d), BLOCK=BLOCK, ACC=_acc(dt))
+        float(near), float(far), float(eps2d), BLOCK=BLOCK, ACC=tl_dtype(dt))
     return m2d, con, dep, rad
 
 
@@ -558,10 +555,11 @@ def _project_bwd(means, quats, scales, viewmats, Ks, radii, g_m2d, g_con, g_dep,
     g_scales = torch.zeros(B, V, N, 3, dtype=dt, device=dev)
     if N > 0:
         BLOCK = _proj_block(N)
-        _splat_project_bwd_kernel[(triton.cdiv(N, BLOCK), B * V)](
+        launch(
+            _splat_project_bwd_kernel, (triton.cdiv(N, BLOCK), B * V),
             means.contiguous(), quats.contiguous(), scales.contiguous(), viewmats.contiguous(), Ks.contiguous(),
             radii.contiguous(), g_m2d.contiguous(), g_con.contiguous(), g_dep.contiguous(),
-            g_means, g_quats, g_scales, N, V, float(eps2d), BLOCK=BLOCK, ACC=_acc(dt))
+            g_means, g_quats, g_scales, N, V, float(eps2d), BLOCK=BLOCK, ACC=tl_dtype(dt))
     return g_means.sum(1), g_quats.sum(1), g_scales.sum(1)
 
 
@@ -625,10 +623,11 @@ def _rasterize_fwd(means2d, conics, depths, opacities, colors, background, offse
     TW, TH = triton.cdiv(W, TILE), triton.cdiv(H, TILE)
     CB, nw = _raster_blocks(C)
     R = _tiles_per_program(TW * TH)
-    _splat_raster_fwd_kernel[(triton.cdiv(TW * TH, R), B * V, triton.cdiv(C, CB))](
+    launch(
+        _splat_raster_fwd_kernel, (triton.cdiv(TW * TH, R), B * V, triton.cdiv(C, CB)),
         means2d.contiguous(), conics.contiguous(), depths.contiguous(), opacities.contiguous(),
         colors.contiguous(), background.contiguous(), offsets, ids, out_c, out_a, out_d, out_t, last,
-        N, V, C, H, W, TW, TW * TH, TILE=TILE, R=R, CB=CB, CHUNK=_CHUNK, ACC=_acc(dt), num_warps=nw)
+        N, V, C, H, W, TW, TW * TH, TILE=TILE, R=R, CB=CB, CHUNK=_CHUNK, ACC=tl_dtype(dt), num_warps=nw)
     return out_c, out_a, out_d, out_t, last
 
 
@@ -646,11 +645,12 @@ def _rasterize_bwd(means2d, conics, depths, opacities, colors, background, offse
     TW, TH = triton.cdiv(W, TILE), triton.cdiv(H, TILE)
     CB, nw = _raster_blocks(C)
     R = _tiles_per_program(TW * TH)
-    _splat_raster_bwd_kernel[(triton.cdiv(TW * TH, R), B * V)](
+    launch(
+        _splat_raster_bwd_kernel, (triton.cdiv(TW * TH, R), B * V),
         means2d.contiguous(), conics.contiguous(), depths.contiguous(), opacities.contiguous(),
         colors.contiguous(), background.contiguous(), offsets, ids, out_t, last,
         g_c.permute(0, 1, 4, 2, 3).contiguous(), g_a.contiguous(), g_d.contiguous(), g_m2d, g_con, g_dep, g_opa, g_col,
-        N, V, C, H, W, TW, TW * TH, TILE=TILE, R=R, CB=CB, ONE_CB=C <= CB, ACC=_acc(dt), num_warps=nw)
+        N, V, C, H, W, TW, TW * TH, TILE=TILE, R=R, CB=CB, ONE_CB=C <= CB, ACC=tl_dtype(dt), num_warps=nw)
     g_bg = (out_t[..., None] * g_c).sum((2, 3))
     return g_m2d, g_con, g_dep, g_opa, g_col, g_bg
 

@@ -2,6 +2,7 @@
 thresholds, binning, bad inputs, registered ops, AOT compile. On CPU the kernels run in the interpreter."""
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -338,15 +339,19 @@ def test_binning_fixed_capacity():
 
 
 def test_no_host_syncs_on_the_trusted_path():
-    """validate=False + max_intersections: rasterize_gaussians (Triton path) never reads a device value.
-    Run on meta tensors, where any read (item, bool, int, tolist, nonzero, ...) raises; the default
-    path's reads do raise there, so the check can fail."""
-    sc = {k: v.to("meta") for k, v in _cast(make_scene(1, 3, 20, 3, 40, 30, seed=1), torch.float32).items()}
-    out = _render(kernels.rasterize_gaussians, sc, 40, 30, validate=False, max_intersections=5000)
+    """Host reads per rasterize_gaussians call (Triton path, forward + backward): 3 NaN/Inf checks + the
+    intersection count by default, the count alone with validate=False, none with max_intersections too.
+    The last also runs on meta tensors, where any read (also one made by torch in C++) raises."""
+    from tests.sync_count import count_host_syncs
+    sc = _cast(make_scene(1, 3, 20, 3, 40, 30, seed=1), torch.float32, grad=True)
+    for kw, want in ((dict(), 4), (dict(validate=False), 1), (dict(validate=False, max_intersections=5000), 0)):
+        with count_host_syncs() as syncs:
+            out = _render(kernels.rasterize_gaussians, sc, 40, 30, **kw)
+            sum(o.sum() for o in out).backward()
+        assert syncs.count == want, (kw, syncs.calls)
+    meta = {k: v.detach().to("meta") for k, v in sc.items()}
+    out = _render(kernels.rasterize_gaussians, meta, 40, 30, validate=False, max_intersections=5000)
     assert [tuple(o.shape) for o in out] == [(1, 3, 30, 40, 3), (1, 3, 30, 40, 1), (1, 3, 30, 40, 1)]
-    for kw in (dict(validate=False), dict(max_intersections=5000)):     # each alone still reads
-        with pytest.raises((RuntimeError, NotImplementedError)):
-            _render(kernels.rasterize_gaussians, sc, 40, 30, **kw)
 
 
 @pytest.mark.parametrize("path", ["kernel", "ref"])
@@ -515,7 +520,6 @@ def test_huge_and_needle_scales_fp32(fn):
     kernel and the reference both cull the Gaussian."""
     W, H = 20, 17
     fnc = kernels.rasterize_gaussians if fn == "kernel" else kernels.rasterize_gaussians_ref
-    proj = kernels.project_gaussians if fn == "kernel" else kernels.project_gaussians_ref
     for sv in ([1e10, 1e10, 1e10], [1e9, 1e-3, 1e-3], [1e20, 1e20, 1e20]):
         raw = make_scene(1, 1, 6, 3, W, H, seed=0, special=False)
         raw["scales"][0, 2] = torch.tensor(sv, dtype=torch.float64)
@@ -667,12 +671,24 @@ def test_aot_compile_projection():
     _aot(S._splat_project_bwd_kernel, _PROJ_BWD_SIG, dict(BLOCK=256))
 
 
-def test_aot_compile_rasterize_rgb():
-    """The configuration of C = 3 (the models' colours): CB = 4, one warp per tile."""
-    cb, nw = S._raster_blocks(3)
-    assert (cb, nw) == (4, 1)
-    _aot(S._splat_raster_fwd_kernel, _RAST_FWD_SIG, _raster_const(cb, True, False), nw)
-    _aot(S._splat_raster_bwd_kernel, _RAST_BWD_SIG, _raster_const(cb, True, True), nw)
+def test_aot_compile_launches_rgb():
+    """The launches of one rasterize_gaussians call (C = 3: CB = 4, one warp per tile), forward and
+    backward, compiled as the JIT would for sm_90 and sm_80: no spills, every atomic relaxed."""
+    from tests.aot import aot_compile_launch, capture_launches
+    assert S._raster_blocks(3) == (4, 1)
+    sc = _cast(make_scene(1, 2, 40, 3, 48, 32, seed=4), torch.float32, grad=True)
+    with capture_launches(run=lambda name: name == "_splat_project_fwd_kernel") as launches:   # binning reads it
+        out = _render(kernels.rasterize_gaussians, sc, 48, 32)
+        sum(o.sum() for o in out).backward()
+    assert sorted(x.name for x in launches) == sorted(["_splat_project_fwd_kernel", "_splat_raster_fwd_kernel",
+                                                       "_splat_raster_bwd_kernel", "_splat_project_bwd_kernel"])
+    for launch in launches:
+        for arch, c in aot_compile_launch(launch, stats=True).items():
+            md = c.metadata
+            assert md.spill_stores == md.spill_loads == 0, (launch.name, arch, md)
+            atoms = re.findall(r"^\s*(?:@!?%p\d+\s+)?((?:atom|red)\.[\w.]+)", c.asm["ptx"], flags=re.M)
+            assert all(".relaxed" in a for a in atoms), (launch.name, atoms[:3])
+            assert bool(atoms) == (launch.name == "_splat_raster_bwd_kernel")
 
 
 @pytest.mark.slow
