@@ -844,4 +844,6 @@ def rasterize_gaussians(means, quats, scales, opacities, colors, viewmats, Ks, w
     return out[0], out[1], out[2]
 
 
+splat = rasterize_gaussians   # the file's op under the file's name (kernels/<op>.py skeleton)
+
 __all__ = ["project_gaussians", "rasterize_gaussians", "project_gaussians_ref", "rasterize_gaussians_ref"]

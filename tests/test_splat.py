@@ -612,6 +612,20 @@ def test_intersection_overflow_raises_before_launch():
         kernels.rasterize_gaussians(means, quats, scales, torch.ones(1, N), torch.ones(1, N, 3), vm, K, W, W)
 
 
+def test_kernel_file_skeleton():
+    """kernels/splat.py: file name = op (alias), ops nano4d::<op> / nano4d::<op>_backward, *_ptr pointers."""
+    import inspect
+    assert S.splat is kernels.rasterize_gaussians
+    for op in ("project_gaussians", "rasterize_gaussians"):
+        assert hasattr(torch.ops.nano4d, op) and hasattr(torch.ops.nano4d, op + "_backward")
+    kerns = [k for n, k in vars(S).items() if n.endswith("_kernel") and hasattr(k, "fn")]
+    assert len(kerns) == 4
+    for k in kerns:
+        params = list(inspect.signature(k.fn).parameters)
+        other = [p for p in params if not (p.endswith("_ptr") or p.isupper() or p in ("near", "far", "eps2d"))]
+        assert not other and sum(p.endswith("_ptr") for p in params) >= 9, (k, other)
+
+
 # ----------------------------------------------------------------------------- registered ops, AOT
 
 
