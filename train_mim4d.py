@@ -3,6 +3,7 @@
     python train_mim4d.py                                     # tiny preset, procedural driving scenes
     torchrun --standalone --nproc_per_node=2 train_mim4d.py   # the same on 2 processes (gloo on CPU)
     python train_mim4d.py --data path/to/rigs --recipe paper  # nuScenes-style rig JSON files, the vs0.1 recipe
+    python train_mim4d.py --data nuscenes:/data/nuscenes --recipe paper --num_workers 8   # nuScenes itself
 
 ``--recipe paper`` is the official vs0.1 pretraining recipe: the paper preset (ConvNeXt-B, 128x128x5 volume),
 AdamW lr 4e-4 (backbone x0.1), weight decay 0.01, gradient clip 35, 500 warmup steps from lr/3 then cosine to
@@ -26,12 +27,15 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import Dataset
 
 from nano4d import utils as U
 from nano4d.checkpoint import (CheckpointError, atomic_write, clean_stale_tmp, load_checkpoint, save_checkpoint,
                                save_json)
 from nano4d.data.driving import ProceduralDriving
+from nano4d.data.nuscenes import NuScenesDataset
 from nano4d.data.rig import RigDataset, lidar_to_depths
+from nano4d.data.sampling import ResumableSampler, Stream
 from nano4d.metrics import psnr
 from nano4d.mim4d import EMA, MIM4D, PRESETS, MIM4DConfig, read_safetensors, sample_rays
 from nano4d.utils import flag
@@ -50,9 +54,12 @@ RECIPES: dict = {
 class TrainConfig:
     run_dir: str = flag("runs/mim4d", "output folder: weights, resume state, log.jsonl, previews, metrics.json; a run "
                         "resumes from it", resume_may_change=True)
-    data: str = flag("", "rig JSON file or folder (nuScenes-style); '' = procedural scenes")
-    num_train: int = flag(48, "procedural training scenes (rendered once and cycled; split 'train')")
-    num_val: int = flag(4, "held-out procedural scenes (split 'val')")
+    data: str = flag("", "'' = procedural scenes; nuscenes:ROOT = nuScenes (v1.0-trainval if ROOT has it, else "
+                     "v1.0-mini; official train/val split); else a rig JSON file or folder (nuScenes-style)")
+    num_train: int = flag(48, "procedural training scenes (split 'train', rendered on demand)")
+    num_val: int = flag(4, "held-out samples (procedural split 'val', nuScenes' val split, or the first windows of "
+                        "a rig folder), kept in memory")
+    num_workers: int = flag(0, "DataLoader worker processes per rank (0 = read/render in the training process)")
     batch_size: int = flag(1, "samples per rank per micro-step")
     grad_accum: int = flag(1, "micro-steps per optimizer step (gradients all-reduced once, at the last)")
     steps: int = flag(400, "optimizer steps (ignored when --epochs > 0)")
@@ -72,7 +79,7 @@ class TrainConfig:
     eval_every: int = flag(100, "steps per held-out eval + preview; 0 = only at the start and the end",
                            resume_may_change=True)
     ckpt_every: int = flag(100, "steps per checkpoint; 0 = only at the end", resume_may_change=True)
-    seed: int = flag(0, "seed (rank r: seed + r for data, seed + 100 r for masks, targets and rays)")
+    seed: int = flag(0, "seed (data order: seed + epoch; rank r: seed + 100 r for masks, targets and rays)")
     amp: str = flag("auto", "autocast: auto = bf16 on CUDA, off on CPU", choices=("auto", "bf16", "off"))
     resume: str = flag("auto", "auto: continue from run_dir's checkpoint if there is one (exactly; the config must "
                        "match); weights: load its weights only, start at step 0; fresh: start over",
@@ -81,26 +88,46 @@ class TrainConfig:
     recipe: str = flag("default", "named bundle of flag values from RECIPES", resume_may_change=True)
 
 
-def make_data(tc: TrainConfig, mc: MIM4DConfig, split: str, rank: int, world: int):
-    """A list of samples for this rank (rendered/loaded once; the tiny CPU run cycles over them)."""
-    if tc.data:
+KEYS = ("images", "depths", "K", "cam2ego", "ego2world", "lidar2ego")
+
+
+class Samples(Dataset):
+    """Items of a driving dataset as the model takes them (``KEYS``), read or rendered when asked for: depth
+    from LiDAR when the source has no rendered depth; without a LiDAR calibration the volume is taken in the
+    ego frame."""
+
+    def __init__(self, ds, ids, img_size):
+        self.ds, self.ids, self.img_size = ds, list(ids), tuple(img_size)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        s = self.ds[self.ids[i]]
+        if "depths" not in s:
+            s["depths"] = lidar_to_depths(s["lidar"], s["lidar_mask"], s["K"], s["cam2ego"], *self.img_size)
+        if "lidar2ego" not in s:
+            s["lidar2ego"] = torch.eye(4)
+        return {k: s[k] for k in KEYS}
+
+
+def make_data(tc: TrainConfig, mc: MIM4DConfig, split: str) -> Samples:
+    """The split as a map-style dataset (an index; every item is read or rendered when asked for)."""
+    if tc.data.startswith("nuscenes:"):
+        root = tc.data[len("nuscenes:"):]
+        version = "v1.0-trainval" if os.path.isdir(os.path.join(root, "v1.0-trainval")) else "v1.0-mini"
+        ds = NuScenesDataset(root, version=version, split=split, num_frames=mc.num_frames, res=mc.img_size)
+        ids = range(len(ds)) if split == "train" else range(min(tc.num_val, len(ds)))
+    elif tc.data:
         ds = RigDataset(tc.data, num_frames=mc.num_frames, res=mc.img_size)
         n = len(ds)
-        ids = list(range(n))[: max(1, n // 10)] if split == "val" else list(range(n))[max(1, n // 10):] or [0]
+        n_val = min(tc.num_val, max(1, n // 10))                               # the first windows are held out
+        ids = range(n_val) if split == "val" else range(n_val, n) if n > n_val else [0]
     else:
         n = tc.num_train if split == "train" else tc.num_val
         ds = ProceduralDriving(num_scenes=n, num_frames=mc.num_frames, res=mc.img_size, split=split, seed=tc.seed)
-        ids = list(range(n))
-    keys = ("images", "depths", "K", "cam2ego", "ego2world", "lidar2ego")
-    samples = []
-    for i in ids[rank::world] if split == "train" else ids:
-        s = ds[i]
-        if "depths" not in s:
-            s["depths"] = lidar_to_depths(s["lidar"], s["lidar_mask"], s["K"], s["cam2ego"], *mc.img_size)
-        if "lidar2ego" not in s:                     # no LiDAR calibration: the volume is taken in the ego frame
-            s["lidar2ego"] = torch.eye(4)
-        samples.append({k: s[k] for k in keys})
-    return samples
+        ids = range(n)
+    return Samples(ds, ids, mc.img_size)
 
 
 def collate(samples, device):
@@ -245,15 +272,20 @@ def main(argv=None):
         clean_stale_tmp(tc.run_dir)
 
     t0 = time.time()
-    train = make_data(tc, mc, "train", dist.rank, dist.world_size)
-    val = make_data(tc, mc, "val", 0, 1)
-    U.print0(f"data: {len(train)} train samples/rank, {len(val)} held-out ({time.time() - t0:.0f} s to render)")
+    held = make_data(tc, mc, "val")
+    val = [held[i] for i in range(len(held))]
+    train_ds = make_data(tc, mc, "train")
+    sampler = ResumableSampler(len(train_ds), dist.world_size, dist.rank, shuffle=True, seed=tc.seed)
+    train = Stream(train_ds, sampler, batch_size=tc.batch_size, num_workers=tc.num_workers,
+                   pin_memory=device.type == "cuda", seed=tc.seed)
+    U.print0(f"data: {len(train_ds)} train samples ({len(sampler)}/rank/epoch, read per step), {len(val)} held-out "
+             f"({time.time() - t0:.0f} s to load the held-out ones)")
 
     steps = tc.steps
     if tc.epochs > 0:
         per_step = tc.batch_size * tc.grad_accum                            # samples of this rank's share per step
-        steps = max(1, math.ceil(tc.epochs * len(train) / per_step))
-        U.print0(f"{tc.epochs:g} epochs of {len(train)} samples/rank -> {steps} steps")
+        steps = max(1, math.ceil(tc.epochs * len(sampler) / per_step))
+        U.print0(f"{tc.epochs:g} epochs of {len(sampler)} samples/rank -> {steps} steps")
     model = MIM4D(mc).to(device)
     opt = model.configure_optimizer(tc.lr, tc.weight_decay, backbone_lr_mult=tc.backbone_lr_mult)
     torch.manual_seed(tc.seed + 100 * dist.rank)                               # masks, targets, rays
@@ -284,16 +316,15 @@ def main(argv=None):
     log.truncate(start)
     if start == 0:
         run_eval(model, val, device, tc.run_dir, 0, log)
-    pos = int(extra.get("pos", 0))
+    if "data" in extra:
+        train.load_state_dict(extra["data"])                                  # continue mid-epoch
     for step in range(start, steps):
         lr = lr_at(tc, step, steps)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
         terms_sum = {}
         for micro in range(tc.grad_accum):
-            idx = [(pos + j) % len(train) for j in range(tc.batch_size)]
-            pos += tc.batch_size
-            batch = collate([train[i] for i in idx], device)
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(train).items()}
             with U.grad_sync(ddp, micro, tc.grad_accum):
                 with U.autocast(device, tc.amp):
                     loss, out = ddp(batch)
@@ -307,7 +338,8 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(model)
-        log.log(step, terms_mean, lr, gnorm.item(), items=tc.batch_size * tc.grad_accum * dist.world_size)
+        log.log(step, {**terms_mean, "data_wait_s": train.take_wait()}, lr, gnorm.item(),
+                items=tc.batch_size * tc.grad_accum * dist.world_size)
         done, last = step + 1, step + 1 == steps
         if last or (tc.eval_every > 0 and done % tc.eval_every == 0):
             ev = run_eval(model, val, device, tc.run_dir, done, log)
@@ -316,7 +348,7 @@ def main(argv=None):
         if last or (tc.ckpt_every > 0 and done % tc.ckpt_every == 0):
             U.sync_buffers(model)
             nxt = save_ema(tc.run_dir, ema, config, done) if ema is not None and U.is_main() else None
-            save_checkpoint(tc.run_dir, model, config, opt, done, extra={"pos": pos})
+            save_checkpoint(tc.run_dir, model, config, opt, done, extra={"data": train.state_dict()})
             if nxt:
                 os.replace(nxt, os.path.join(tc.run_dir, "ema.safetensors"))
     U.print0(f"done in {time.time() - t0:.0f} s; weights, resume state, log.jsonl and previews in {tc.run_dir}")
