@@ -25,11 +25,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import Dataset
 
 from nano4d import utils as U
 from nano4d.checkpoint import CheckpointError, clean_stale_tmp, load_checkpoint, save_checkpoint, save_json, unwrap
 from nano4d.data.gobjaverse import GObjaverseDataset
 from nano4d.data.objects import ProceduralObjects
+from nano4d.data.sampling import DynamicBatchSampler, Stream, collate_list
 from nano4d.data.sequences import ImageSequenceFolder
 from nano4d.mum import PRESETS, MuM, MuMConfig, mark_views_dynamic
 from nano4d.mum_eval import compare, format_table
@@ -55,9 +57,12 @@ class TrainConfig:
     run_dir: str = flag("runs/mum", "output folder: weights, resume state, log.jsonl, previews, match.json; a run "
                         "resumes from it", resume_may_change=True)
     data: str = flag("", "'' = procedural objects; else a GObjaverse-layout or image-sequence folder")
-    num_train: int = flag(128, "procedural training objects (each rank renders its own share, cached)")
+    num_train: int = flag(128, "procedural training objects (rendered on demand; shuffled and split over ranks each "
+                          "epoch)")
     num_val: int = flag(8, "held-out sequences (procedural split 'val', or the last ones of --data)")
-    cache_dir: str = flag("runs/cache", "procedural renders are stored here (GObjaverse layout); '' = memory only",
+    num_workers: int = flag(0, "DataLoader worker processes per rank (0 = read/render in the training process)")
+    cache_dir: str = flag("runs/cache", "procedural renders are stored here (GObjaverse layout) and read back; "
+                          "'' = render every time",
                           resume_may_change=True)
     src_res: int = flag(80, "rendered / loaded resolution before the random crop")
     res: int = flag(64, "training crop size (a multiple of the patch size)")
@@ -78,7 +83,7 @@ class TrainConfig:
     log_every: int = flag(10, "steps per progress line", resume_may_change=True)
     eval_every: int = flag(100, "steps per held-out eval + preview; 0 = only at the end", resume_may_change=True)
     ckpt_every: int = flag(100, "steps per checkpoint; 0 = only at the end", resume_may_change=True)
-    seed: int = flag(0, "seed (rank r uses seed + r)")
+    seed: int = flag(0, "seed (data order and per-batch view counts: seed + epoch; crops: seed + rank)")
     compile: bool = flag(False, "torch.compile the model", resume_may_change=True)
     amp: str = flag("auto", "autocast: auto = bf16 on CUDA, off on CPU", choices=("auto", "bf16", "off"))
     resume: str = flag("auto", "auto: continue from run_dir's checkpoint if there is one (exactly; the config must "
@@ -94,48 +99,40 @@ class TrainConfig:
 
 # ------------------------------------------------------------------------------------------------ data
 
-def make_datasets(tc: TrainConfig, rank: int, world: int):
-    """-> (train, held-out) `Views`. Procedural: objects rendered lazily and cached (uint8 in memory, and
-    on disk in cache_dir); rank r trains on objects r, r + world, ... (no duplicated rendering)."""
+class Sequences(Dataset):
+    """A subset of a multi-view dataset as MuM reads it: item ``(i, V)`` -> ((V_i, 3, H, W) float images in
+    [0, 1], V): V frames of an image sequence, or all views of an object, from which the training loop picks V.
+    Holds only the index; every item is read (or rendered, or served from the procedural disk cache) when
+    asked for."""
+
+    def __init__(self, ds, ids, pass_v=False):
+        self.ds, self.ids, self.pass_v = ds, list(ids), pass_v
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        i, V = index if isinstance(index, tuple) else (index, None)
+        j = self.ids[i]
+        return self.ds[(j, V) if self.pass_v and V is not None else j]["images"], V
+
+
+def make_datasets(tc: TrainConfig):
+    """-> (train, held-out) `Sequences`. Procedural: objects rendered on demand (stored in and read back from
+    cache_dir when set); --data: the last sequences are held out."""
     if not tc.data:
         kw = dict(res=tc.src_res, seed=tc.seed, occ_res=0, num_surface_points=0, background="random",
                   cache_dir=tc.cache_dir or None)
         train = ProceduralObjects(num_objects=tc.num_train, num_views=tc.max_views, split="train", **kw)
         held = ProceduralObjects(num_objects=tc.num_val, num_views=tc.eval_views, split="val", **kw)
-        return Views(train, range(rank, len(train), world), cache=True), Views(held, range(len(held)), cache=True)
+        return Sequences(train, range(len(train))), Sequences(held, range(len(held)))
     sub = [os.path.join(tc.data, d) for d in sorted(os.listdir(tc.data)) if os.path.isdir(os.path.join(tc.data, d))]
     if sub and any(len(n) == 5 and n.isdigit() for n in os.listdir(sub[0])):      # <obj>/<view:05d>/...
         ds, pass_v = GObjaverseDataset(tc.data, num_views=tc.max_views, res=tc.src_res, seed=tc.seed), False
     else:                                                                          # <sequence>/*.png|jpg
         ds, pass_v = ImageSequenceFolder(tc.data, views=(1, tc.max_views), res=tc.src_res, seed=tc.seed), True
     n_held = min(tc.num_val, max(1, len(ds) // 10))
-    train_ids = list(range(len(ds) - n_held))
-    return (Views(ds, train_ids[rank::world], pass_v=pass_v),
-            Views(ds, range(len(ds) - n_held, len(ds)), cache=True, pass_v=pass_v))
-
-
-class Views:
-    """A subset of a multi-view dataset: ``get(i, V)`` -> (V_i, 3, H, W) float images in [0, 1], V_i <= V
-    for image-sequence folders (asked for V frames), else all views of the item. ``cache``: keep items in
-    memory as uint8 (procedural renders, the held-out set); every access, the first included, returns the
-    uint8-quantized pixels, so a resumed run sees the same images as an uninterrupted one."""
-
-    def __init__(self, ds, ids, cache=False, pass_v=False):
-        self.ds, self.ids, self.cache, self.pass_v, self.mem = ds, list(ids), cache, pass_v, {}
-
-    def __len__(self):
-        return len(self.ids)
-
-    def get(self, i, V):
-        j = self.ids[i]
-        key = (j, V) if self.pass_v else j
-        if key in self.mem:
-            return self.mem[key].float() / 255
-        imgs = self.ds[(j, V) if self.pass_v else j]["images"]
-        if self.cache:
-            self.mem[key] = (imgs.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
-            return self.mem[key].float() / 255
-        return imgs
+    return Sequences(ds, range(len(ds) - n_held), pass_v), Sequences(ds, range(len(ds) - n_held, len(ds)), pass_v)
 
 
 def random_resized_crop(img, out: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip=True):
@@ -164,13 +161,11 @@ def random_resized_crop(img, out: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), f
     return crop.flip(-1) if flip and random.random() < 0.5 else crop
 
 
-def sample_batch(ds, tc: TrainConfig):
-    """Dynamic batch: V ~ U[min_views, max_views], floor(batch_size / V) sequences -> (B, V, 3, res, res)."""
-    V = random.randint(tc.min_views, tc.max_views)
-    B = max(1, tc.batch_size // V)
+def crop_batch(items, tc: TrainConfig):
+    """Dynamic batch from the loader's (views, V) items (one V per batch, ``DynamicBatchSampler``): V views of
+    each (drawn here, in the training process), each with its own RandomResizedCrop + flip -> (B, V, 3, res, res)."""
     seqs = []
-    for _ in range(B):
-        views = ds.get(random.randrange(len(ds)), V)
+    for views, V in items:
         pick = random.sample(range(len(views)), V) if len(views) >= V else random.choices(range(len(views)), k=V)
         seqs.append(torch.stack([random_resized_crop(views[v], tc.res, (tc.crop_scale_min, 1.0)) for v in pick]))
     return torch.stack(seqs)
@@ -178,7 +173,7 @@ def sample_batch(ds, tc: TrainConfig):
 
 def heldout_batch(ds, tc: TrainConfig):
     """Fixed held-out batch: the first eval_views views of every held-out sequence, resized (no crop)."""
-    seqs = [ds.get(i, tc.eval_views)[:tc.eval_views] for i in range(len(ds))]
+    seqs = [ds[(i, tc.eval_views)][0][:tc.eval_views] for i in range(len(ds))]
     V = min(len(s) for s in seqs)
     return torch.stack([F.interpolate(s[:V], size=(tc.res, tc.res), mode="bicubic", align_corners=False,
                                       antialias=True).clamp(0, 1) for s in seqs])
@@ -235,10 +230,14 @@ def main(argv=None):
     if U.is_main():
         clean_stale_tmp(tc.run_dir)
 
-    train_ds, held_ds = make_datasets(tc, di.rank, di.world_size)
+    train_ds, held_ds = make_datasets(tc)
     held = heldout_batch(held_ds, tc)
-    U.print0(f"data: {len(train_ds)} train sequences/rank, {len(held)} held-out x {held.shape[1]} views, "
-             f"crop {tc.res}px from {tc.src_res}px")
+    train = Stream(train_ds, DynamicBatchSampler(len(train_ds), (tc.min_views, tc.max_views), tc.batch_size,
+                                                 di.world_size, di.rank, seed=tc.seed),
+                   num_workers=tc.num_workers, pin_memory=device.type == "cuda", collate_fn=collate_list,
+                   seed=tc.seed)
+    U.print0(f"data: {len(train_ds)} train sequences (read per step, {tc.num_workers} workers), {len(held)} held-out "
+             f"x {held.shape[1]} views, crop {tc.res}px from {tc.src_res}px")
 
     model = MuM(mc).to(device)
     images_per_step = tc.batch_size * tc.grad_accum * di.world_size
@@ -254,6 +253,8 @@ def main(argv=None):
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
     start = res.step if res else 0
+    if res and "data" in res.extra:
+        train.load_state_dict(res.extra["data"])                              # continue mid-epoch
     U.broadcast_state(model)                                                   # all ranks start identical
     if U.is_main():
         save_json(os.path.join(tc.run_dir, "config.json"), config)
@@ -276,7 +277,7 @@ def main(argv=None):
             g["lr"] = lr
         n_img, loss_sum = 0, 0.0
         for micro in range(tc.grad_accum):
-            x = sample_batch(train_ds, tc).to(device)
+            x = crop_batch(next(train), tc).to(device)
             if tc.compile:
                 mark_views_dynamic(x)
             with U.grad_sync(dmodel, micro, tc.grad_accum):
@@ -289,7 +290,8 @@ def main(argv=None):
         terms = U.finite_step({"loss": loss_sum}, gnorm, step, tc.run_dir)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        log.log(step, terms, lr=lr, grad_norm=float(gnorm), items=n_img * di.world_size)
+        log.log(step, {**terms, "data_wait_s": train.take_wait()}, lr=lr, grad_norm=float(gnorm),
+                items=n_img * di.world_size)
 
         done, last = step + 1, step + 1 == tc.steps
         if last or (tc.eval_every > 0 and done % tc.eval_every == 0):
@@ -298,7 +300,7 @@ def main(argv=None):
             log.image("preview", os.path.join(tc.run_dir, f"preview_{done:06d}.png"), done)
         if last or (tc.ckpt_every > 0 and done % tc.ckpt_every == 0):
             U.sync_buffers(raw)
-            save_checkpoint(tc.run_dir, raw, config, opt, done)
+            save_checkpoint(tc.run_dir, raw, config, opt, done, extra={"data": train.state_dict()})
     U.print0(f"trained {tc.steps - start} steps in {time.time() - t0:.0f}s")
     if tc.match_eval and U.is_main():
         run_match_eval(tc)

@@ -74,14 +74,21 @@ def test_resume_is_bit_identical_and_refusals(tmp_path, monkeypatch, torch_path,
         assert len(res["random_init_seeds"]) == 2 and res["trained"]["n_valid"] == res["raw_pixels"]["n_valid"]
 
 
-def test_views_cache_returns_quantized_pixels_every_time():
-    class DS:
-        def __getitem__(self, i):
-            import torch
-            return {"images": torch.full((2, 3, 4, 4), 0.3)}
-    v = train_mum.Views(DS(), [0], cache=True)
-    first, again = v.get(0, 2), v.get(0, 2)
-    assert (first == again).all() and (first * 255).sub(77).abs().max() < 1e-4   # round(0.3 * 255) = 77
+def test_image_sequence_folders_through_workers(tmp_path, torch_path):
+    """--data with image-sequence folders: dynamic batches ((index, V) from DynamicBatchSampler) read by a
+    DataLoader worker; the progress records carry the data-wait time."""
+    import numpy as np
+    from PIL import Image
+    g = np.random.default_rng(0)
+    for s in range(4):
+        os.makedirs(tmp_path / "seqs" / f"s{s}")
+        for k in range(4):
+            Image.fromarray(g.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "seqs" / f"s{s}" / f"{k}.png")
+    run = str(tmp_path / "run")
+    train_mum.main(TINY + ["--data", str(tmp_path / "seqs"), "--run_dir", run, "--steps", "2", "--eval_every", "0",
+                           "--num_workers", "1"])
+    train = [r for r in (json.loads(line) for line in open(os.path.join(run, "log.jsonl"))) if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2] and all(r["data_wait_s"] >= 0 for r in train)
 
 
 def test_torchrun_grad_accum_rank_equality_and_nan_stop(tmp_path):
@@ -149,3 +156,31 @@ def test_random_resized_crop_fallback_is_torchvisions_centre_crop(monkeypatch):
     want = torch.nn.functional.interpolate(img[None, :, :, 13:26], size=(10, 10), mode="bicubic",
                                            align_corners=False, antialias=True)[0].clamp(0, 1)
     assert torch.allclose(out, want)
+
+
+def test_two_nodes_c10d_rendezvous(tmp_path):
+    """Two "nodes" x 1 process on localhost, launched separately as on a cluster (torchrun --nnodes 2
+    --rdzv_backend c10d --rdzv_endpoint HOST:PORT): they meet, train 2 steps, and hold identical states."""
+    import socket
+    import subprocess
+    import sys
+    from tests._scripts import ROOT
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run = str(tmp_path / "run")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update({"PYTHONPATH": ROOT + os.pathsep + env.get("PYTHONPATH", ""), "NANO4D_FORCE_TRITON": "0",
+                "OMP_NUM_THREADS": "1"})
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(r), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+                               "--rdzv_id", "nano4d-test", os.path.join(ROOT, "tests", "_train_worker.py"), "train_mum",
+                               str(tmp_path), *TINY, "--run_dir", run, "--steps", "2", "--ckpt_every", "1",
+                               "--eval_every", "0", "--batch_size", "4"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+             for r in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
+    assert "world 2" in "".join(outs)
+    assert_ranks_equal(str(tmp_path), [1, 2])
+    assert [r["step"] for r in log_records(run) if r["kind"] == "train"] == [1, 2]
