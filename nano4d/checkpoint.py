@@ -21,7 +21,6 @@ Unreadable files raise ``CheckpointError`` (a ``ValueError``) naming the file an
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import random
@@ -244,9 +243,7 @@ def save_checkpoint(run_dir: str, model: torch.nn.Module, config: dict, optimize
     state = {"format": FORMAT, "step": int(step), "world_size": len(ranks), "model": sd,
              "optimizer": optimizer.state_dict() if optimizer is not None else {},
              "ranks": ranks, "config": json.dumps(config, default=str), "extra": json.dumps(extra or {}, default=str)}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write(os.path.join(run_dir, RESUME), buf.getvalue())
+    atomic_write(os.path.join(run_dir, RESUME), lambda f: torch.save(state, f))   # streamed: no in-memory copy
     save_weights(os.path.join(run_dir, WEIGHTS), sd, config, step=step)
 
 
