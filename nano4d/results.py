@@ -1,10 +1,10 @@
 """Results on real data: data recipes, evaluations of any checkpoint, and plots of any run.
 
     python -m nano4d.results prepare-furniture --src SH3D --out DIR [--train 240] [--res 64]
-    python -m nano4d.results prepare-scans --out DIR                       # CGAL's scanned meshes (bunny, ...)
+    python -m nano4d.results prepare-scans --out DIR        # Debian libcgal-demo: Stanford bunny, armadillo, ...
     python -m nano4d.results eval-geolrm RUN --data DIR/val [--views 2,4,8,16] [--out FILE.json]
     python -m nano4d.results eval-mum RUN [--seeds 0,1,2] [--pairs motorcycle,aloe,graf] [--out FILE.json]
-    python -m nano4d.results eval-mim4d RUN [--steps 300] [--out FILE.json]
+    python -m nano4d.results eval-mim4d RUN [--train_scenes 32] [--val_scenes 16] [--out FILE.json]
     python -m nano4d.results plot RUN_DIR_OR_JSON ... --out DIR            # PNG plots (extra: plot)
 
 Held-out split of the furniture (``split_ids``): an object is held out when the first 8 bytes of
@@ -20,7 +20,10 @@ import hashlib
 import json
 import math
 import os
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,9 +33,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from nano4d.checkpoint import save_json
+from nano4d.data.driving import BEV_LABELS, ProceduralDriving
 from nano4d.data.gobjaverse import list_objects, occupancy_from_points, read_gobjaverse_object
 from nano4d.data.meshes import find_meshes, object_id_for, render_collection
 from nano4d.geolrm import GeoLRM, cell_centers, resize_views
+from nano4d.mim4d import MIM4D
 from nano4d.metrics import load_lpips, point_cloud_metrics, psnr, ssim
 from nano4d.mum import MuM
 
@@ -103,6 +108,66 @@ def prepare_furniture(src, out, n_train: int = 240, res: int = 64, val_views: in
     log(f"prepare-furniture: {len(done['train'])} train / {len(done['val'])} val objects in {out}; "
         f"GeoLRM: --data {lay} --num_val {min(layout_val, len(done['val']))}")
     return rec
+
+
+SCANS = {"bunny": "data/meshes/bunny00.off", "armadillo": "data/meshes/armadillo.off",
+         "chinese_dragon": "data/meshes/ChineseDragon-10kv.off"}
+
+
+def off_to_obj(off_path, obj_path, rgb=(0.75, 0.75, 0.75)) -> int:
+    """An OFF triangle/polygon mesh -> OBJ + MTL with one grey diffuse material (shading shows the geometry).
+    Returns the number of faces."""
+    tok = []
+    for line in Path(off_path).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            tok.extend(line.split())
+    if not tok or not tok[0].endswith("OFF"):
+        raise ValueError(f"{off_path}: not an OFF file")
+    rest = tok[1:] if tok[0] == "OFF" else [tok[0][:-3]] + tok[1:]
+    nv, nf = int(rest[0]), int(rest[1])
+    v = np.asarray(rest[3:3 + 3 * nv], dtype=np.float64).reshape(nv, 3)
+    pos, faces = 3 + 3 * nv, []
+    for _ in range(nf):
+        k = int(rest[pos])
+        faces.append([int(i) + 1 for i in rest[pos + 1:pos + 1 + k]])
+        pos += 1 + k
+    obj_path = Path(obj_path)
+    obj_path.parent.mkdir(parents=True, exist_ok=True)
+    obj_path.with_suffix(".mtl").write_text(f"newmtl grey\nKd {rgb[0]} {rgb[1]} {rgb[2]}\n")
+    with open(obj_path, "w") as f:
+        f.write(f"mtllib {obj_path.with_suffix('.mtl').name}\nusemtl grey\n")
+        f.writelines(f"v {a:.6g} {b:.6g} {c:.6g}\n" for a, b, c in v)
+        f.writelines("f " + " ".join(map(str, fc)) + "\n" for fc in faces)
+    return nf
+
+
+def prepare_scans(out, deb=None, res: int = 64, views: int = 32, log=print) -> dict:
+    """Real scanned meshes from Debian's ``libcgal-demo`` (its ``data.tar.gz``: the Stanford bunny and armadillo,
+    and a Chinese dragon) -> ``out/meshes/<name>/<name>.obj`` (grey, y up) -> ``out/renders`` (GObjaverse
+    layout, shaded by the renderer's camera light). ``deb``: a downloaded libcgal-demo .deb (default:
+    ``apt-get download libcgal-demo``)."""
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix="nano4d_cgal_") as tmp:
+        if deb is None:
+            log("+ apt-get download libcgal-demo")
+            subprocess.run(["apt-get", "download", "libcgal-demo"], cwd=tmp, check=True)
+            deb = sorted(Path(tmp).glob("libcgal-demo_*.deb"))[0]
+        subprocess.run(["dpkg", "-x", str(deb), str(Path(tmp) / "root")], check=True)
+        tars = sorted((Path(tmp) / "root").rglob("data.tar.gz"))
+        if not tars:
+            raise FileNotFoundError(f"{deb}: no data.tar.gz (CGAL's data folder) inside")
+        with tarfile.open(tars[0]) as t:
+            for name, member in SCANS.items():
+                f = t.extractfile(member)
+                if f is None:
+                    raise FileNotFoundError(f"{tars[0]}: no {member}")
+                src = Path(tmp) / f"{name}.off"
+                src.write_bytes(f.read())
+                n = off_to_obj(src, out / "meshes" / name / f"{name}.obj")
+                log(f"  {name}: {n} faces")
+    r = render_collection(out / "meshes", out / "renders", views=views, res=res, split=0.0, log=log)
+    return {"ok": r["ok"] + r["skipped"], "failed": r["failed"]}
 
 
 # ============================================================================ GeoLRM: held-out novel views + geometry
@@ -359,6 +424,117 @@ def format_mum(res: dict) -> str:
     return "\n".join(rows)
 
 
+# ============================================================================ MIM4D: frozen-feature BEV segmentation probe
+
+
+def probe_scenes(cfg, split: str, n: int, seed: int = 0, cache_dir: str | None = None) -> list:
+    """``n`` procedural driving scenes (one frame each) of ``split`` with BEV labels on the model's voxel nodes:
+    the volume's node i sits at x = min + i (max - min) / (N - 1) (LiDAR frame = ego axes shifted up), which is
+    the cell centre of an ego-centred label grid of range (max - min) / 2 * N / (N - 1) and N cells."""
+    (x0, y0, _, x1, y1, _), (NX, NY, _) = cfg.pc_range, cfg.grid
+    if not (math.isclose(x0, -x1) and math.isclose(y0, -y1) and math.isclose(x1 / (NX - 1), y1 / (NY - 1))):
+        raise ValueError(f"the BEV probe needs a pc_range centred on the ego with square nodes, got {cfg.pc_range}, "
+                         f"grid {cfg.grid}")
+    ds = ProceduralDriving(num_scenes=n, num_frames=1, res=cfg.img_size, seed=seed, split=split,
+                           bev_range=x1 * NX / (NX - 1), bev_res=(NY, NX), cache_dir=cache_dir)
+    keys = ("images", "K", "cam2ego", "lidar2ego", "bev")
+    out = []
+    for i in range(n):
+        sc = ds[i]
+        if not torch.allclose(sc["lidar2ego"][:3, :3], torch.eye(3)):
+            raise ValueError("the BEV probe assumes the LiDAR frame has the ego's axes")
+        out.append({k: sc[k] for k in keys})
+    return out
+
+
+@torch.no_grad()
+def _bev_features(model, scenes) -> torch.Tensor:
+    model.eval()
+    feats = []
+    for sc in scenes:
+        _, bev = model.extract_features(sc["images"][None], sc["K"][None], sc["cam2ego"][None], sc["lidar2ego"][None])
+        feats.append(bev[0, 0].float())                                          # (C*Z, Y, X)
+    return torch.stack(feats)
+
+
+def _position_features(S: int, Y: int, X: int, n: int = 32) -> torch.Tensor:
+    """A layout-only reference: fixed random Fourier features of the (x, y) node position, same for all scenes."""
+    g = torch.Generator().manual_seed(0)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, Y), torch.linspace(-1, 1, X), indexing="ij")
+    B = torch.randn(2, n // 2, generator=g) * 3
+    ang = torch.stack([xs, ys], -1) @ B
+    f = torch.cat([ang.sin(), ang.cos(), xs[..., None], ys[..., None], ys.abs()[..., None]], -1).permute(2, 0, 1)
+    return f[None].expand(S, -1, -1, -1)
+
+
+def train_probe(ftr, ltr, fva, lva, classes: int, steps: int = 300, lr: float = 1e-2, seed: int = 0) -> dict:
+    """Linear 1x1 probe (per-channel standardized features, class-balanced cross-entropy, AdamW full batch) ->
+    IoU per class on the held-out scenes."""
+    torch.manual_seed(seed)
+    mu, sd = ftr.mean((0, 2, 3), keepdim=True), ftr.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
+    ftr, fva = (ftr - mu) / sd, (fva - mu) / sd
+    head = torch.nn.Conv2d(ftr.shape[1], classes, 1)
+    freq = torch.bincount(ltr.flatten(), minlength=classes).double().clamp_min(1)
+    w = (freq.sum() / freq / classes).float()
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    for _ in range(steps):
+        loss = F.cross_entropy(head(ftr), ltr, weight=w)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        pred = head(fva).argmax(1)
+    iou = {}
+    for c in range(classes):
+        inter, union = ((pred == c) & (lva == c)).sum().item(), ((pred == c) | (lva == c)).sum().item()
+        iou[c] = inter / union if union else float("nan")
+    return {"iou": iou, "train_loss": float(loss.detach())}
+
+
+def eval_mim4d(ckpt, n_train: int = 32, n_val: int = 16, steps: int = 300, seeds=(0, 1, 2), data_seed: int = 0,
+               cache_dir: str | None = None, log=print) -> dict:
+    """Frozen ``MIM4D.extract_features`` BEV maps -> linear BEV segmentation probe on procedural driving scenes
+    (train: split 'train', held-out: split 'test' -- scenes the pretraining never rendered), pretrained vs
+    random init (one model per seed) vs position-only features; IoU per class (other, road, car, building)."""
+    model = MIM4D.from_checkpoint(ckpt)
+    cfg = model.cfg
+    t0 = time.time()
+    tr = probe_scenes(cfg, "train", n_train, data_seed + 1000, cache_dir)
+    va = probe_scenes(cfg, "test", n_val, data_seed, cache_dir)
+    log(f"eval-mim4d: {n_train} + {n_val} scenes in {time.time() - t0:.0f}s")
+    ltr, lva = torch.stack([s["bev"][0] for s in tr]), torch.stack([s["bev"][0] for s in va])
+    C = len(BEV_LABELS)
+    runs = {"pretrained": [], "random_init": [], "position_only": []}
+    ftr, fva = _bev_features(model, tr), _bev_features(model, va)
+    runs["pretrained"] = [train_probe(ftr, ltr, fva, lva, C, steps, seed=s) for s in seeds]
+    for s in seeds:
+        torch.manual_seed(s)
+        m = MIM4D(cfg)
+        runs["random_init"].append(train_probe(_bev_features(m, tr), ltr, _bev_features(m, va), lva, C, steps, seed=s))
+    Y, X = ltr.shape[-2:]
+    runs["position_only"] = [train_probe(_position_features(len(tr), Y, X), ltr, _position_features(len(va), Y, X),
+                                         lva, C, steps, seed=s) for s in seeds]
+    res = {"kind": "mim4d_probe", "checkpoint": str(ckpt), "classes": list(BEV_LABELS), "n_train": n_train,
+           "n_val": n_val, "steps": steps, "seeds": list(seeds),
+           "label_freq_val": [float((lva == c).float().mean()) for c in range(C)], "iou": {}, "iou_std": {}}
+    for lab, rs in runs.items():
+        res["iou"][lab] = {BEV_LABELS[c]: float(np.nanmean([r["iou"][c] for r in rs])) for c in range(C)}
+        res["iou_std"][lab] = {BEV_LABELS[c]: float(np.nanstd([r["iou"][c] for r in rs])) for c in range(C)}
+        res["iou"][lab]["mIoU"] = float(np.mean([res["iou"][lab][k] for k in BEV_LABELS]))
+    log(f"eval-mim4d: done in {time.time() - t0:.0f}s")
+    return res
+
+
+def format_mim4d(res: dict) -> str:
+    cols = list(res["classes"]) + ["mIoU"]
+    rows = ["| features | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for lab, r in res["iou"].items():
+        sd = res["iou_std"][lab]
+        rows.append(f"| {lab} | " + " | ".join(f"{r[c]:.3f}" + (f" ± {sd[c]:.3f}" if c in sd else "") for c in cols)
+                    + " |")
+    return "\n".join(rows)
+
+
 # ============================================================================ plots (extra: plot = matplotlib)
 
 _NOT_LOSSES = {"kind", "step", "total", "stage", "lr", "grad_norm", "step_time", "eta_s", "time", "split"}
@@ -558,6 +734,11 @@ def main(argv=None) -> int:
     p.add_argument("--ssaa", type=int, default=3)
     p.add_argument("--layout_val", type=int, default=8, help="held-out objects placed in out/geolrm (the training "
                    "script's own in-run evaluation)")
+    sc = sub.add_parser("prepare-scans", help="render CGAL's real scanned meshes (Debian libcgal-demo)")
+    sc.add_argument("--out", required=True)
+    sc.add_argument("--deb", default=None, help="a downloaded libcgal-demo_*.deb (default: apt-get download)")
+    sc.add_argument("--res", type=int, default=64)
+    sc.add_argument("--views", type=int, default=32)
     e = sub.add_parser("eval-geolrm", help="held-out novel views / occupancy / geometry of a GeoLRM checkpoint")
     e.add_argument("ckpt", help="run folder or model.safetensors of train_geolrm.py")
     e.add_argument("--data", required=True, help="held-out objects (GObjaverse layout, >= 27 views), e.g. DIR/val")
@@ -572,17 +753,31 @@ def main(argv=None) -> int:
     m.add_argument("--seeds", default="0,1,2", help="random-init seeds")
     m.add_argument("--long_side", type=int, default=384, help="resize each pair so its longer side is this")
     m.add_argument("--out", default="")
+    q = sub.add_parser("eval-mim4d", help="frozen-feature BEV segmentation probe of a MIM4D checkpoint")
+    q.add_argument("ckpt", help="run folder or model.safetensors of train_mim4d.py")
+    q.add_argument("--train_scenes", type=int, default=32)
+    q.add_argument("--val_scenes", type=int, default=16)
+    q.add_argument("--steps", type=int, default=300, help="probe optimizer steps")
+    q.add_argument("--seeds", default="0,1,2", help="probe / random-init seeds")
+    q.add_argument("--cache_dir", default="", help="cache the rendered scenes here")
+    q.add_argument("--out", default="")
     pl = sub.add_parser("plot", help="PNG plots of run folders and eval JSON files (needs matplotlib)")
     pl.add_argument("paths", nargs="+")
     pl.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args(argv)
-    if args.cmd == "eval-geolrm":
+    if args.cmd == "prepare-scans":
+        prepare_scans(args.out, args.deb, args.res, args.views)
+    elif args.cmd == "eval-geolrm":
         res = eval_geolrm(args.ckpt, args.data, [int(v) for v in args.views.split(",")], args.tau,
                           lpips_net=args.lpips_net, limit=args.limit)
         print(format_geolrm(res))
     elif args.cmd == "eval-mum":
         res = eval_mum(args.ckpts, args.pairs.split(","), [int(s) for s in args.seeds.split(",")], args.long_side)
         print(format_mum(res))
+    elif args.cmd == "eval-mim4d":
+        res = eval_mim4d(args.ckpt, args.train_scenes, args.val_scenes, args.steps,
+                         [int(v) for v in args.seeds.split(",")], cache_dir=args.cache_dir or None)
+        print(format_mim4d(res))
     elif args.cmd == "plot":
         try:
             for p in args.paths:

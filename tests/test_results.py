@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from nano4d import results as R
+from nano4d.data.meshes import load_obj
+from nano4d.mim4d import PRESETS
 
 
 def test_split_is_by_name_hash_only():
@@ -76,3 +78,24 @@ def test_plots(tmp_path):
         assert len(out) == 1 and open(out[0], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "x.json").write_text("{}")
     assert R.main(["plot", str(tmp_path / "x.json"), "--out", str(tmp_path)]) == 2
+
+
+def test_off_to_obj_and_bev_probe_grid(tmp_path):
+    (tmp_path / "t.off").write_text("OFF\n# a tetrahedron\n4 4 0\n0 0 0\n1 0 0\n0 1 0\n0 0 1\n3 0 1 2\n3 0 1 3\n3 0 2 3\n3 1 2 3\n")
+    assert R.off_to_obj(tmp_path / "t.off", tmp_path / "t" / "t.obj") == 4
+    m = load_obj(tmp_path / "t" / "t.obj")
+    assert len(m.faces) == 4 and m.vertices.shape == (4, 3)
+    # the probe's label grid puts cell centres exactly on the voxel nodes
+    cfg = PRESETS["tiny"]
+    (x0, _, _, x1, _, _), (NX, _, _) = cfg.pc_range, cfg.grid
+    R_ = x1 * NX / (NX - 1)
+    centres = -R_ + (torch.arange(NX) + 0.5) * (2 * R_ / NX)
+    assert torch.allclose(centres, torch.linspace(x0, x1, NX), atol=1e-5)
+
+
+def test_probe_learns_separable_labels():
+    torch.manual_seed(0)
+    lab = torch.randint(0, 3, (6, 8, 8))
+    feats = torch.nn.functional.one_hot(lab, 3).permute(0, 3, 1, 2).float() + 0.05 * torch.randn(6, 3, 8, 8)
+    r = R.train_probe(feats[:4], lab[:4], feats[4:], lab[4:], 3, steps=60, lr=0.1)
+    assert min(r["iou"].values()) > 0.95
