@@ -64,7 +64,7 @@ from kernels._common import (FLOAT_DTYPES, acc_dtype, check_index_range, check_t
                              next_pow2, tl_dtype, tracing, use_triton)
 
 MAX_D = 256  # channels per launch (larger head dims run in chunks)
-# Register budget of the backward: Triton runs ptxas with --regAllocOptLevel=2, which for some
+# Register budget of the backward on sm_90+: Triton runs ptxas with --regAllocOptLevel=2, which for some
 # specializations settles at 128 registers and spills ~16 B; 168 leaves 3 blocks of 4 warps per SM.
 BWD_MAXNREG = 168
 
@@ -424,6 +424,8 @@ def _deform_attn_bwd(grad_out, value, spatial_shapes, level_start_index, samplin
     g4 = _unit_last(grad_out.view(B, Q, H, D) if grad_out.is_contiguous() else grad_out.reshape(B, Q, H, D))
     big = _idx64(value, loc, g4)
     chunks = _d_chunks(D)
+    # the register budget is tuned on sm_90; sm_80 (a smaller register file per SM) keeps ptxas' choice
+    maxnreg = BWD_MAXNREG if not value.is_cuda or torch.cuda.get_device_capability(value.device)[0] >= 9 else None
     if len(chunks) == 1:
         # every (b, q, h, m, p) entry of gloc / gattw is written exactly once by the kernel
         gloc = torch.empty(loc.shape, device=dev, dtype=loc.dtype)
@@ -446,7 +448,7 @@ def _deform_attn_bwd(grad_out, value, spatial_shapes, level_start_index, samplin
                v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1), g.stride(2),
                D=dc, VEC=_vec(dc, *v.stride()[:3], *g.stride()[:3]),
                BLOCK_Q=block_q, BLOCK_D=block_d, ACC=tl_dtype(acc_torch), IDX64=big or gv_acc.numel() >= 2**31,
-               num_warps=warps, maxnreg=BWD_MAXNREG)
+               num_warps=warps, maxnreg=maxnreg)
         if len(chunks) == 1:
             return gv_acc.to(value.dtype), gloc, gattw
         gloc += gl
