@@ -31,10 +31,9 @@ width of 16/32/64/128/256 (the caller never pads). fp32 inputs use exact fp32 do
 (``input_precision="ieee"``), not TF32: accurate, but no tensor cores on the GPU (use bf16/fp16 for
 speed). The LSE is stored in fp32, so at extreme logits (|scale * q.k| ~ 100+) fp32 gradients carry
 a relative error ~|lse| * 2^-24, as in any FlashAttention-style backward. Non-finite inputs are not
-checked (that costs a device sync): they propagate NaN to the rows that attend them, and never reach
-rows that do not attend them (padding, other segments): masked pairs are where-selected away and the
-matmul operands that meet them use finite stand-ins. Block skipping also skips the per-element mask on
-tiles whose query and key blocks hold one and the same id. The backward runs 7 block matmuls per tile
+checked (that costs a device sync): they propagate NaN to the rows that attend them; in the Triton
+kernels a NaN / Inf in a token of the same key block as attended tokens can also reach rows that do not
+attend it (0 * NaN inside the block matmul); the reference removes masked pairs exactly. The backward runs 7 block matmuls per tile
 pair (FlashAttention-2 runs 5 by accumulating dQ with atomics in the dK/dV sweep); the separate dQ sweep
 keeps it deterministic.
 """
@@ -55,11 +54,6 @@ _DOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
-# With segment ids a tile (query block x key block) is "pure" when both blocks hold one and the same
-# non-negative id: then every pair is allowed and the per-element mask is skipped. In mixed tiles masked
-# pairs are removed with where-selects (never 0 * x), and the matmul operands that meet masked pairs use
-# finite stand-ins (non-finite entries -> 0), so NaN / Inf in tokens a query does not attend (padding,
-# other segments) contribute exactly nothing; non-finite values of attended tokens still propagate.
 
 @triton.jit
 def _patch_attn_ranges_kernel(seg_ptr, range_ptr, N, n_rblocks, n_cblocks, stride_sb, stride_sn,
@@ -93,40 +87,6 @@ def _patch_attn_ranges_kernel(seg_ptr, range_ptr, N, n_rblocks, n_cblocks, strid
 
 
 @triton.jit
-def _finite(x):
-    """x with non-finite entries replaced by 0 (a where-select: 0 * NaN never happens)."""
-    return tl.where(tl.abs(x) < float("inf"), x, 0.0)
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr, ACC: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)
-    return tl.dot(a, b, out_dtype=ACC)
-
-
-@triton.jit
-def _dot_ok(a, b, ok, IEEE: tl.constexpr, ACC: tl.constexpr):
-    """a @ b for an ``a`` that is exactly 0 outside ``ok`` (a where-select of the caller): non-finite
-    entries of b never meet the zeros (0 * NaN); an output that an allowed pair links to a non-finite b
-    entry is NaN (a rare path: a 0/1 matmul counts those links exactly)."""
-    bf = _finite(b)
-    out = _dot(a, bf, IEEE, ACC)
-    nonfin = tl.max(tl.max(tl.where(bf != b, 1, 0), 1), 0)
-    if nonfin > 0:
-        cnt = _dot(tl.where(ok, 1.0, 0.0).to(bf.dtype), tl.where(bf != b, 1.0, 0.0).to(bf.dtype), IEEE, ACC)
-        out = tl.where(cnt > 0, float("nan"), out)
-    return out
-
-
-@triton.jit
-def _uniform_id(ids):
-    """The block's id if all its ids are one non-negative value, else -1."""
-    lo = tl.min(ids, 0)
-    return tl.where(lo == tl.max(ids, 0), lo, -1)
-
-
-@triton.jit
 def _patch_attn_fwd_kernel(
         q_ptr, k_ptr, v_ptr, seg_ptr, range_ptr, o_ptr, lse_ptr,
         N, D, H, n_mblocks, qk_scale,
@@ -154,7 +114,6 @@ def _patch_attn_fwd_kernel(
         q = q.to(tl.float32)
     if HAS_SEG:
         seg_q = tl.load(seg_ptr + b * stride_sb + offs_m * stride_sn, mask=m_in, other=-1)
-        uid_q = _uniform_id(seg_q)
         lo = tl.load(range_ptr + (b * n_mblocks + pid_m) * 2)
         hi = tl.load(range_ptr + (b * n_mblocks + pid_m) * 2 + 1)
     else:
@@ -169,53 +128,44 @@ def _patch_attn_fwd_kernel(
     for jb in range(lo, hi):
         offs_n = jb * BLOCK_N + offs_n0
         n_in = offs_n < N
+        ld_n = n_in
+        if HAS_SEG:   # padding keys (id < 0) are never read: their values cannot reach any row
+            seg_k = tl.load(seg_ptr + b * stride_sb + offs_n * stride_sn, mask=n_in, other=-1)
+            ld_n = n_in & (seg_k >= 0)
         kt = tl.load(k_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=n_in[None, :] & d_in[:, None], other=0.0)
+                     mask=ld_n[None, :] & d_in[:, None], other=0.0)
         v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=n_in[:, None] & d_in[None, :], other=0.0)
+                    mask=ld_n[:, None] & d_in[None, :], other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
-        s = _dot(q, kt, IEEE, ACC) * qk_scale
-        if HAS_SEG:
-            seg_k = tl.load(seg_ptr + b * stride_sb + offs_n * stride_sn, mask=n_in, other=-1)
-            uid_k = _uniform_id(seg_k)
-            if (uid_q >= 0) & (uid_q == uid_k):      # pure tile: every pair allowed, no mask
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                p = tl.exp2(s - m_new[:, None])
-                alpha = tl.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                pv = p.to(v_ptr.dtype.element_ty)
-                if UPCAST:
-                    pv = pv.to(tl.float32)
-                acc = acc * alpha[:, None] + _dot(pv, v, IEEE, ACC)
-                m_i = m_new
-            else:
-                ok = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] >= 0)
-                s = tl.where(ok, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
-                p = tl.exp2(s - m_use[:, None])
-                alpha = tl.exp2(m_i - m_use)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                pv = p.to(v_ptr.dtype.element_ty)
-                if UPCAST:
-                    pv = pv.to(tl.float32)
-                acc = acc * alpha[:, None] + _dot_ok(pv, v, ok, IEEE, ACC)
-                m_i = m_new
+        if IEEE:
+            s = tl.dot(q, kt, input_precision="ieee", out_dtype=ACC)
         else:
-            if not EVEN_N:  # without ids only keys past N are masked (never a whole block)
-                s = tl.where(n_in[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            # P is rounded to the input dtype before the PV product (as on the GPU, also when upcasting)
-            pv = p.to(v_ptr.dtype.element_ty)
-            if UPCAST:
-                pv = pv.to(tl.float32)
-            acc = acc * alpha[:, None] + _dot(pv, v, IEEE, ACC)
-            m_i = m_new
+            s = tl.dot(q, kt, out_dtype=ACC)
+        s = s * qk_scale
+        if HAS_SEG:
+            ok = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] >= 0)
+            s = tl.where(ok, s, float("-inf"))
+        elif not EVEN_N:  # without ids only keys past N are masked (never a whole block)
+            s = tl.where(n_in[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if HAS_SEG:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
+        else:
+            m_use = m_new
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # P is rounded to the input dtype before the PV product (as on the GPU, also when upcasting)
+        pv = p.to(v_ptr.dtype.element_ty)
+        if UPCAST:
+            pv = pv.to(tl.float32)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision="ieee", out_dtype=ACC)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(pv, v, out_dtype=ACC)
+        m_i = m_new
 
     # l >= 1 for a row with any allowed key (its max term is exp2(0)); l == 0 only for empty rows.
     # (Not `l > 0`: a NaN input must give NaN, not a silent zero row.)
@@ -242,8 +192,8 @@ def _patch_attn_bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr, N, D, n_mblocks,
     offs_d = tl.arange(0, BLOCK_D)
     msk = (offs_m[:, None] < N) & (offs_d[None, :] < D)
     o = tl.load(o_ptr + pid_bh * N * D + offs_m[:, None] * D + offs_d[None, :], mask=msk, other=0.0).to(ACC)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
-                 + offs_d[None, :] * stride_dod, mask=msk, other=0.0).to(ACC)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                 mask=msk, other=0.0).to(ACC)
     tl.store(delta_ptr + pid_bh * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
 
 
@@ -280,7 +230,6 @@ def _patch_attn_bwd_dkdv_kernel(
         v = v.to(tl.float32)
     if HAS_SEG:
         seg_k = tl.load(seg_ptr + b * stride_sb + offs_n * stride_sn, mask=n_in, other=-1)
-        uid_k = _uniform_id(seg_k)
         lo = tl.load(range_ptr + (b * n_nblocks + pid_n) * 2)
         hi = tl.load(range_ptr + (b * n_nblocks + pid_n) * 2 + 1)
     else:
@@ -293,37 +242,47 @@ def _patch_attn_bwd_dkdv_kernel(
     for ib in range(lo, hi):
         offs_m = ib * BLOCK_M + offs_m0
         m_in = offs_m < N
+        ld_m = m_in
+        if HAS_SEG:   # padding queries (and their upstream gradient) are never read
+            seg_q = tl.load(seg_ptr + b * stride_sb + offs_m * stride_sn, mask=m_in, other=-1)
+            ld_m = m_in & (seg_q >= 0)
         qt = tl.load(q_ptr + offs_m[None, :] * stride_qn + offs_d[:, None] * stride_qd,
-                     mask=m_in[None, :] & d_in[:, None], other=0.0)
+                     mask=ld_m[None, :] & d_in[:, None], other=0.0)
         do = tl.load(do_ptr + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                     mask=m_in[:, None] & d_in[None, :], other=0.0)
+                     mask=ld_m[:, None] & d_in[None, :], other=0.0)
         lse = tl.load(lse_ptr + pid_bh * N + offs_m, mask=m_in, other=float("inf"))
         delta = tl.load(delta_ptr + pid_bh * N + offs_m, mask=m_in, other=0.0)
         if UPCAST:
             qt = qt.to(tl.float32)
             do = do.to(tl.float32)
-        st = _dot(k, qt, IEEE, ACC)
-        if HAS_SEG:
-            seg_q = tl.load(seg_ptr + b * stride_sb + offs_m * stride_sn, mask=m_in, other=-1)
-            if (uid_k >= 0) & (uid_k == _uniform_id(seg_q)):   # pure tile: every pair allowed
-                pt = tl.exp2(st * qk_scale - lse[None, :])
-                dv += _dot(pt.to(do_ptr.dtype.element_ty).to(do.dtype), do, IEEE, ACC)
-                dst = pt * (_dot(v, tl.trans(do), IEEE, ACC) - delta[None, :])
-                dk += _dot(dst.to(q_ptr.dtype.element_ty).to(qt.dtype), tl.trans(qt), IEEE, ACC)
-            else:
-                ok = (seg_k[:, None] == seg_q[None, :]) & (seg_q[None, :] >= 0)
-                pt = tl.exp2(tl.where(ok, st * qk_scale - lse[None, :], float("-inf")))  # exactly 0 where masked
-                dv += _dot_ok(pt.to(do_ptr.dtype.element_ty).to(do.dtype), do, ok, IEEE, ACC)
-                dst = tl.where(ok, pt * (_dot(v, tl.trans(do), IEEE, ACC) - delta[None, :]), 0.0)
-                dk += _dot_ok(dst.to(q_ptr.dtype.element_ty).to(qt.dtype), tl.trans(qt), ok, IEEE, ACC)
+        if IEEE:
+            st = tl.dot(k, qt, input_precision="ieee", out_dtype=ACC)
         else:
-            if not EVEN_N:  # keys past N: their rows are never stored, masked only to keep them finite
-                pt = tl.exp2(tl.where(n_in[:, None], st * qk_scale - lse[None, :], float("-inf")))
-            else:  # queries past N have lse = +inf, so P = 0 there
-                pt = tl.exp2(st * qk_scale - lse[None, :])
-            dv += _dot(pt.to(do_ptr.dtype.element_ty).to(do.dtype), do, IEEE, ACC)
-            dst = pt * (_dot(v, tl.trans(do), IEEE, ACC) - delta[None, :])
-            dk += _dot(dst.to(q_ptr.dtype.element_ty).to(qt.dtype), tl.trans(qt), IEEE, ACC)
+            st = tl.dot(k, qt, out_dtype=ACC)
+        if HAS_SEG:
+            ok = (seg_k[:, None] == seg_q[None, :]) & (seg_q[None, :] >= 0)
+            pt = tl.exp2(tl.where(ok, st * qk_scale - lse[None, :], float("-inf")))  # P^T, exactly 0 where masked
+        elif not EVEN_N:  # keys past N: their rows are never stored, masked only to keep them finite
+            pt = tl.exp2(tl.where(n_in[:, None], st * qk_scale - lse[None, :], float("-inf")))
+        else:  # queries past N have lse = +inf, so P = 0 there
+            pt = tl.exp2(st * qk_scale - lse[None, :])
+        ptc = pt.to(do_ptr.dtype.element_ty)
+        if UPCAST:
+            ptc = ptc.to(tl.float32)
+        if IEEE:
+            dv += tl.dot(ptc, do, input_precision="ieee", out_dtype=ACC)
+            dpt = tl.dot(v, tl.trans(do), input_precision="ieee", out_dtype=ACC)
+        else:
+            dv += tl.dot(ptc, do, out_dtype=ACC)
+            dpt = tl.dot(v, tl.trans(do), out_dtype=ACC)
+        dst = pt * (dpt - delta[None, :])
+        dsc = dst.to(q_ptr.dtype.element_ty)
+        if UPCAST:
+            dsc = dsc.to(tl.float32)
+        if IEEE:
+            dk += tl.dot(dsc, tl.trans(qt), input_precision="ieee", out_dtype=ACC)
+        else:
+            dk += tl.dot(dsc, tl.trans(qt), out_dtype=ACC)
     dk = dk * sm_scale
     base = pid_bh * N * D
     tl.store(dk_ptr + base + offs_n[:, None] * D + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kv_msk)
@@ -354,10 +313,13 @@ def _patch_attn_bwd_dq_kernel(
     m_in = offs_m < N
     d_in = offs_d < D
     q_msk = m_in[:, None] & d_in[None, :]
+    ld_msk = q_msk
+    if HAS_SEG:   # padding rows (and their upstream gradient) are never read
+        ld_msk = q_msk & (tl.load(seg_ptr + b * stride_sb + offs_m * stride_sn, mask=m_in, other=-1) >= 0)[:, None]
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=q_msk, other=0.0)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
-                 + offs_d[None, :] * stride_dod, mask=q_msk, other=0.0)
+                mask=ld_msk, other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                 mask=ld_msk, other=0.0)
     lse = tl.load(lse_ptr + pid_bh * N + offs_m, mask=m_in, other=float("inf"))
     delta = tl.load(delta_ptr + pid_bh * N + offs_m, mask=m_in, other=0.0)
     if UPCAST:
@@ -365,7 +327,6 @@ def _patch_attn_bwd_dq_kernel(
         do = do.to(tl.float32)
     if HAS_SEG:
         seg_q = tl.load(seg_ptr + b * stride_sb + offs_m * stride_sn, mask=m_in, other=-1)
-        uid_q = _uniform_id(seg_q)
         lo = tl.load(range_ptr + (b * n_mblocks + pid_m) * 2)
         hi = tl.load(range_ptr + (b * n_mblocks + pid_m) * 2 + 1)
     else:
@@ -377,36 +338,40 @@ def _patch_attn_bwd_dq_kernel(
     for jb in range(lo, hi):
         offs_n = jb * BLOCK_N + offs_n0
         n_in = offs_n < N
+        ld_n = n_in
+        if HAS_SEG:   # padding keys are never read
+            seg_k = tl.load(seg_ptr + b * stride_sb + offs_n * stride_sn, mask=n_in, other=-1)
+            ld_n = n_in & (seg_k >= 0)
         kt = tl.load(k_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=n_in[None, :] & d_in[:, None], other=0.0)
+                     mask=ld_n[None, :] & d_in[:, None], other=0.0)
         vt = tl.load(v_ptr + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
-                     mask=n_in[None, :] & d_in[:, None], other=0.0)
+                     mask=ld_n[None, :] & d_in[:, None], other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)
-        s = _dot(q, kt, IEEE, ACC)
-        dp = _dot(do, vt, IEEE, ACC)
-        if HAS_SEG:
-            seg_k = tl.load(seg_ptr + b * stride_sb + offs_n * stride_sn, mask=n_in, other=-1)
-            if (uid_q >= 0) & (uid_q == _uniform_id(seg_k)):   # pure tile: every pair allowed
-                p = tl.exp2(s * qk_scale - lse[:, None])
-                ds = p * (dp - delta[:, None])
-                dq += _dot(ds.to(k_ptr.dtype.element_ty).to(kt.dtype), tl.trans(kt), IEEE, ACC)
-            else:
-                ok = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] >= 0)
-                p = tl.exp2(tl.where(ok, s * qk_scale - lse[:, None], float("-inf")))
-                ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
-                dq += _dot_ok(ds.to(k_ptr.dtype.element_ty).to(kt.dtype), tl.trans(kt), ok, IEEE, ACC)
+        if IEEE:
+            s = tl.dot(q, kt, input_precision="ieee", out_dtype=ACC)
+            dp = tl.dot(do, vt, input_precision="ieee", out_dtype=ACC)
         else:
-            if not EVEN_N:  # keys past N: mask them (their P = exp2(-lse) could overflow, and inf * 0 = NaN)
-                p = tl.exp2(tl.where(n_in[None, :], s * qk_scale - lse[:, None], float("-inf")))
-            else:
-                p = tl.exp2(s * qk_scale - lse[:, None])
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k_ptr.dtype.element_ty).to(kt.dtype), tl.trans(kt), IEEE, ACC)
+            s = tl.dot(q, kt, out_dtype=ACC)
+            dp = tl.dot(do, vt, out_dtype=ACC)
+        if HAS_SEG:
+            ok = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] >= 0)
+            p = tl.exp2(tl.where(ok, s * qk_scale - lse[:, None], float("-inf")))
+        elif not EVEN_N:  # keys past N: mask them (their P = exp2(-lse) could overflow, and inf * 0 = NaN)
+            p = tl.exp2(tl.where(n_in[None, :], s * qk_scale - lse[:, None], float("-inf")))
+        else:
+            p = tl.exp2(s * qk_scale - lse[:, None])
+        ds = p * (dp - delta[:, None])
+        dsc = ds.to(k_ptr.dtype.element_ty)
+        if UPCAST:
+            dsc = dsc.to(tl.float32)
+        if IEEE:
+            dq += tl.dot(dsc, tl.trans(kt), input_precision="ieee", out_dtype=ACC)
+        else:
+            dq += tl.dot(dsc, tl.trans(kt), out_dtype=ACC)
     dq = dq * sm_scale
-    tl.store(dq_ptr + pid_bh * N * D + offs_m[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
-             mask=q_msk)
+    tl.store(dq_ptr + pid_bh * N * D + offs_m[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=q_msk)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -419,7 +384,7 @@ def patch_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``allowed[b, i, j] = (segment_ids[b, i] == segment_ids[b, j]) & (segment_ids[b, j] >= 0)``;
     rows with no allowed key (padding) give zeros and zero gradients. Computed in the input dtype.
     Non-finite values of tokens a row does not attend never reach it (where-selects, finite stand-ins in
-    the matmuls); those of attended tokens make the entries they feed NaN.
+    the matmuls); a row attending a token with a non-finite value is NaN.
     Query rows are processed in chunks of at most ``chunk_elems`` score entries, which bounds the
     transient memory (what autograd keeps for backward is one probability matrix, as in any
     differentiable dense attention).
@@ -433,7 +398,7 @@ def patch_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     nan = float("nan")
     kf = _finite_torch(k)
     k_bad = ~torch.isfinite(k).all(-1)                                           # (B, H, N)
-    v_bad = ~torch.isfinite(v)
+    v_bad = ~torch.isfinite(v).all(-1, keepdim=True)                              # (B, H, N, 1)
     vf = _finite_torch(v)
     outs = []
     for i0 in range(0, max(N, 1), rows):  # N == 0: one empty chunk keeps the result in the graph
@@ -449,7 +414,7 @@ def patch_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         s = s.masked_fill(~allowed, float("-inf")).masked_fill(empty, 0.0)  # empty rows: finite dummy
         p = torch.where(allowed, torch.softmax(s, dim=-1), 0.0)   # exact zeros also in a NaN row
         o = torch.matmul(p, vf)
-        if tracing() or bool(v_bad.any()):   # non-finite v of an attended key: NaN where it is linked
+        if tracing() or bool(v_bad.any()):   # a row attending a key with a non-finite v is NaN
             links = torch.matmul(allowed.to(v.dtype).expand(B, H, -1, -1), v_bad.to(v.dtype))
             o = torch.where(links > 0, nan, o)
         outs.append(o.masked_fill(empty, 0.0))
