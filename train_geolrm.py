@@ -33,10 +33,11 @@ from torch.utils.data import Dataset
 
 from nano4d import utils as U
 from nano4d.cameras import look_at
-from nano4d.checkpoint import CheckpointError, clean_stale_tmp, load_checkpoint, load_weights, save_checkpoint, save_json
+from nano4d.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from nano4d.data.gobjaverse import GObjaverseDataset, list_objects, read_gobjaverse_object
 from nano4d.data.objects import ProceduralObjects
 from nano4d.data.sampling import ResumableSampler, Stream, collate_list
+from nano4d.files import clean_stale_tmp, colorize, save_image_grid, save_json
 from nano4d.geolrm import PRESETS, GeoLRM, GeoLRMConfig, Gaussians, load_dinov2_hf, render, resize_views
 from nano4d.metrics import load_lpips, psnr, ssim
 from nano4d.ply import save_ply
@@ -255,12 +256,12 @@ def _evaluate(model, objs, tc, stage, lpips_fn, n_inputs, preview):
             sums[7] += lpips_fn(base, gt).sum()
         if preview is not None and len(rows) < 10:                                # 2 objects x 5 labelled rows
             d, a = out["depth"][0], out["alpha"][0]
-            rows += [x["images"][0, :n_in], pred, gt, a.clamp(0, 1), U.colorize(torch.where(a > 0.5, d, float("nan")))]
+            rows += [x["images"][0, :n_in], pred, gt, a.clamp(0, 1), colorize(torch.where(a > 0.5, d, float("nan")))]
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
     model.train(was)
     if preview is not None and U.is_main() and rows:
-        U.save_image_grid(preview, rows, min_size=96, labels=["inputs", "renders", "targets", "alpha", "depth"] * (len(rows) // 5))
+        save_image_grid(preview, rows, min_size=96, labels=["inputs", "renders", "targets", "alpha", "depth"] * (len(rows) // 5))
     n, nv = max(sums[1].item(), 1), max(sums[1].item() * T, 1)
     res = {"occ_iou": sums[0].item() / n}
     if stage != "proposal":
@@ -289,7 +290,7 @@ def export(g: Gaussians, path: str, K, res: int, n: int, distance: float, sh_deg
     m = save_ply(path, *g, sh_degree=sh_degree)
     if inputs is not None:
         save_cameras(path[:-len(".ply")] + ".cameras.npz", *inputs)
-    strip = U.save_image_grid(path.replace(".ply", "_turntable.png"), [turntable(g, K, res, n, distance)], min_size=96)
+    strip = save_image_grid(path.replace(".ply", "_turntable.png"), [turntable(g, K, res, n, distance)], min_size=96)
     return m, strip
 
 

@@ -30,12 +30,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import Dataset
 
 from nano4d import utils as U
-from nano4d.checkpoint import (CheckpointError, atomic_write, clean_stale_tmp, load_checkpoint, save_checkpoint,
-                               save_json)
+from nano4d.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from nano4d.data.driving import ProceduralDriving
 from nano4d.data.nuscenes import NuScenesDataset
 from nano4d.data.rig import RigDataset, lidar_to_depths
 from nano4d.data.sampling import ResumableSampler, Stream
+from nano4d.files import atomic_write, clean_stale_tmp, save_image_grid, save_json
 from nano4d.metrics import psnr
 from nano4d.mim4d import EMA, MIM4D, PRESETS, MIM4DConfig, read_safetensors, sample_rays
 from nano4d.utils import flag
@@ -161,7 +161,7 @@ def evaluate(model, val, device, run_dir=None, step=0):
             if run_dir and i < 2:                                               # preview: front camera, newest frame
                 preview.extend(render_preview(model, b))
     if run_dir and preview and U.is_main():
-        U.save_image_grid(os.path.join(run_dir, f"preview_{step:06d}.png"), preview)
+        save_image_grid(os.path.join(run_dir, f"preview_{step:06d}.png"), preview)
     model.train()
     return {k: sum(v) / len(v) for k, v in acc.items()}
 

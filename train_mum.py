@@ -28,11 +28,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import Dataset
 
 from nano4d import utils as U
-from nano4d.checkpoint import CheckpointError, clean_stale_tmp, load_checkpoint, save_checkpoint, save_json, unwrap
+from nano4d.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, unwrap
 from nano4d.data.gobjaverse import GObjaverseDataset
 from nano4d.data.objects import ProceduralObjects
 from nano4d.data.sampling import DynamicBatchSampler, Stream, collate_list
 from nano4d.data.sequences import ImageSequenceFolder
+from nano4d.files import clean_stale_tmp, save_image_grid, save_json
 from nano4d.mum import PRESETS, MuM, MuMConfig, mark_views_dynamic
 from nano4d.mum_eval import compare, format_table
 from nano4d.utils import flag
@@ -197,7 +198,7 @@ def evaluate(model, images, device, step, tc, preview=True):
         x, pred, mask = first
         n = min(2, len(x)) * x.shape[1]
         rows = [t[:n] for t in model.reconstruct(x, pred, mask)]
-        U.save_image_grid(os.path.join(tc.run_dir, f"preview_{step:06d}.png"), rows)
+        save_image_grid(os.path.join(tc.run_dir, f"preview_{step:06d}.png"), rows)
     return sum(losses) / len(images)
 
 

@@ -1,8 +1,7 @@
 """Checkpoints and atomic file writes.
 
-Every file nano4d writes (weights, resume state, JSON, PNG) goes through ``atomic_write``: a temp file
-``.tmp_*`` in the target's directory, fsync, ``os.replace`` — a crash leaves either the old or the new
-file, never a torn one. Files get the mode a plain ``open()`` would give (0644 under the usual umask 022).
+Both files of a checkpoint are written with ``nano4d.files.atomic_write`` (temp file, fsync, ``os.replace``):
+a crash leaves either the old or the new file, never a torn one.
 
 A run directory holds one checkpoint, written in this order:
 
@@ -24,11 +23,12 @@ import dataclasses
 import json
 import os
 import random
-import tempfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from nano4d.files import atomic_write
 
 RESUME = "resume.pt"
 WEIGHTS = "model.safetensors"
@@ -41,64 +41,6 @@ class CheckpointError(ValueError):
 
 
 # ============================================================================ atomic writes
-
-
-def _default_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-_FILE_MODE = _default_mode()
-
-
-def atomic_write(path: str, data) -> str:
-    """Write ``data`` (bytes, or a function ``f -> None`` writing to a binary file) to ``path`` through a temp
-    file in the same directory, fsync, then ``os.replace`` (atomic on POSIX). Returns ``path``."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix="_" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(data, (bytes, bytearray, memoryview)):
-                f.write(data)
-            else:
-                data(f)
-            f.flush()
-            os.fchmod(f.fileno(), _FILE_MODE)          # mkstemp creates 0600
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:                                               # make the rename itself durable
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return path
-
-
-def save_json(path: str, obj) -> str:
-    """Write JSON atomically (indent 2; non-JSON values via ``str``)."""
-    return atomic_write(path, json.dumps(obj, indent=2, default=str).encode() + b"\n")
-
-
-def clean_stale_tmp(run_dir: str) -> list[str]:
-    """Remove ``.tmp_*`` files left in ``run_dir`` by writes that were killed. Call once at start, on one rank."""
-    if not os.path.isdir(run_dir):
-        return []
-    gone = []
-    for n in sorted(os.listdir(run_dir)):
-        p = os.path.join(run_dir, n)
-        if n.startswith(".tmp_") and os.path.isfile(p):
-            os.remove(p)
-            gone.append(p)
-    return gone
 
 
 # ============================================================================ weights

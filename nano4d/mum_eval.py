@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nano4d.checkpoint import save_json
+from nano4d.files import save_json
 from nano4d.mum import MuM
 
 

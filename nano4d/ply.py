@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from nano4d.checkpoint import atomic_write
+from nano4d.files import atomic_write
 
 SH_C0 = 0.28209479177387814
 _BASE = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]

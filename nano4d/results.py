@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from nano4d.checkpoint import save_json
 from nano4d.data.driving import BEV_LABELS, ProceduralDriving
 from nano4d.data.gobjaverse import list_objects, occupancy_from_points, read_gobjaverse_object
 from nano4d.data.meshes import find_meshes, object_id_for, render_collection
+from nano4d.files import save_json
 from nano4d.geolrm import GeoLRM, cell_centers, resize_views
 from nano4d.mim4d import MIM4D
 from nano4d.metrics import load_lpips, point_cloud_metrics, psnr, ssim

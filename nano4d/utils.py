@@ -21,11 +21,10 @@ import tokenize
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nano4d.checkpoint import atomic_write
+from nano4d.files import atomic_write, image_grid
 
 # ============================================================================ config flags
 
@@ -488,71 +487,3 @@ class ProgressLogger:
 def _fmt_time(s: float) -> str:
     s = int(s)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-# ============================================================================ image grids
-
-
-def image_grid(images, nrow: int | None = None, pad: int = 2, min_size: int = 0) -> torch.Tensor:
-    """Images -> one (3, H, W) canvas in [0, 1] on white. ``images``: (N, C, H, W) tensor in [0, 1] (C = 1 or 3),
-    ``nrow`` per row, or a list of rows, each a (n, C, H, W) tensor (rows may differ in image size; cells are
-    padded). Rows narrower than ``min_size`` pixels are enlarged by an integer factor (nearest neighbour)."""
-    rows = [images[i:i + (nrow or len(images))] for i in range(0, len(images), nrow or len(images))] \
-        if torch.is_tensor(images) else list(images)
-    rows = [r.detach().float().cpu().clamp(0, 1) for r in rows]
-    rows = [F.interpolate(r, scale_factor=-(-min_size // r.shape[-1]), mode="nearest") if r.shape[-1] < min_size
-            else r for r in rows]
-    rows = [r.expand(-1, 3, -1, -1) if r.shape[1] == 1 else r[:, :3] for r in rows]
-    cw = max(r.shape[-1] for r in rows) + pad
-    ch = max(r.shape[-2] for r in rows) + pad
-    ncol = max(len(r) for r in rows)
-    canvas = torch.ones(3, ch * len(rows) + pad, cw * ncol + pad)
-    for i, r in enumerate(rows):
-        for j, im in enumerate(r):
-            y, x = pad + i * ch, pad + j * cw
-            canvas[:, y:y + im.shape[-2], x:x + im.shape[-1]] = im
-    return canvas
-
-
-def colorize(x, lo: float | None = None, hi: float | None = None) -> torch.Tensor:
-    """Scalar maps (depth, alpha, error) -> RGB with the turbo colour map (polynomial fit), for previews.
-    ``x``: (N, H, W) or (N, 1, H, W). Values are scaled from ``lo`` to ``hi`` (default: the 2nd and 98th
-    percentile of the finite values); non-finite pixels are black. Returns (N, 3, H, W) in [0, 1]."""
-    x = x.detach().float().cpu()
-    x = x[:, 0] if x.ndim == 4 else x
-    ok = torch.isfinite(x)
-    v = x[ok]
-    if lo is None:
-        lo = float(torch.quantile(v[:1_000_000], 0.02)) if v.numel() else 0.0
-    if hi is None:
-        hi = float(torch.quantile(v[:1_000_000], 0.98)) if v.numel() else 1.0
-    t = ((torch.where(ok, x, lo) - lo) / max(hi - lo, 1e-12)).clamp(0, 1)
-    coef = {  # turbo, 5th-order polynomial per channel (c0 .. c5)
-        0: (0.13572138, 4.61539260, -42.66032258, 132.13108234, -152.94239396, 59.28637943),
-        1: (0.09140261, 2.19418839, 4.84296658, -14.18503333, 4.27729857, 2.82956604),
-        2: (0.10667330, 12.64194608, -60.58204836, 110.36276771, -89.90310912, 27.34824973)}
-    rgb = []
-    for c in range(3):
-        acc = torch.zeros_like(t)
-        for a in reversed(coef[c]):
-            acc = acc * t + a
-        rgb.append(acc.clamp(0, 1) * ok)
-    return torch.stack(rgb, 1)
-
-
-def save_image_grid(path: str, images, nrow: int | None = None, pad: int = 2, labels=None, min_size: int = 0) -> str:
-    """Save ``image_grid(images, nrow, pad, min_size)`` as a PNG (written atomically). ``labels``: one text per row,
-    drawn in a left margin (e.g. ``["inputs", "renders", "targets", "alpha", "depth"]``). Returns ``path``."""
-    arr = (image_grid(images, nrow, pad, min_size).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-    img = Image.fromarray(arr)
-    if labels:
-        nrows = len(labels)
-        ch = (img.height - pad) / nrows
-        margin = 7 * max(len(str(t)) for t in labels) + 2 * pad + 4
-        out = Image.new("RGB", (img.width + margin, img.height), (255, 255, 255))
-        out.paste(img, (margin, 0))
-        draw = ImageDraw.Draw(out)
-        for i, t in enumerate(labels):
-            draw.text((pad + 2, int(pad + i * ch + ch / 2 - 6)), str(t), fill=(0, 0, 0))
-        img = out
-    return atomic_write(path, lambda f: img.save(f, format="PNG"))

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from nano4d.cameras import quat_to_rotmat, rotmat_to_quat
-from nano4d.checkpoint import atomic_write
+from nano4d.files import atomic_write
 from nano4d.ply import load_ply
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nano4d import utils as U
+from nano4d.files import save_image_grid
 
 
 @dataclasses.dataclass
@@ -176,32 +177,6 @@ def test_tensorboard_logging(tmp_path):
     log.log(0, {"loss": 1.0}, lr=0.1, grad_norm=0.5)
     log.eval(1, {"psnr": 20.0})
     log.image("preview", torch.rand(2, 3, 8, 8), 1)
-    log.image("preview_png", U.save_image_grid(str(tmp_path / "p.png"), torch.rand(2, 3, 8, 8)), 1)
+    log.image("preview_png", save_image_grid(str(tmp_path / "p.png"), torch.rand(2, 3, 8, 8)), 1)
     log.tb.flush()
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tb"))
-
-
-def test_save_image_grid(tmp_path):
-    from PIL import Image
-    p = U.save_image_grid(str(tmp_path / "g.png"), [torch.rand(3, 3, 8, 10), torch.rand(2, 1, 6, 6)])
-    im = Image.open(p)
-    assert im.size == (2 + 3 * 12, 2 + 2 * 10) and im.mode == "RGB"
-
-
-def test_colorize_turbo_and_labelled_grid(tmp_path):
-    import numpy as np
-    from PIL import Image
-    d = torch.linspace(0, 1, 64).reshape(1, 1, 8, 8).clone()
-    d[0, 0, 0, 0] = float("nan")
-    rgb = U.colorize(d, 0.0, 1.0)
-    assert rgb.shape == (1, 3, 8, 8) and rgb.min() >= 0 and rgb.max() <= 1
-    assert rgb[0, :, 0, 0].eq(0).all()                       # non-finite -> black
-    lo, hi = rgb[0, :, 0, 1], rgb[0, :, 7, 7]
-    assert lo[2] > lo[0] and hi[0] > hi[2]                   # turbo: blue at the low end, red at the high end
-    rows = [torch.rand(3, 3, 8, 8), rgb.expand(3, -1, -1, -1)]
-    U.save_image_grid(str(tmp_path / "a.png"), rows)
-    U.save_image_grid(str(tmp_path / "b.png"), rows, labels=["renders", "depth"])
-    a, b = Image.open(tmp_path / "a.png"), Image.open(tmp_path / "b.png")
-    assert b.height == a.height and b.width > a.width
-    margin = np.asarray(b.convert("L"))[:, : b.width - a.width]
-    assert (margin < 128).any()                              # the label text is drawn

@@ -22,7 +22,7 @@ from nano4d.data.nuscenes import NuScenesDataset, write_nuscenes
 from nano4d.data.objects import ProceduralObjects
 from nano4d.data.rig import RigDataset, write_rig
 from nano4d.data.sequences import ImageSequenceFolder
-from nano4d.data.preview import save_grid
+from nano4d.files import save_image_grid
 
 
 def _shape(item) -> str:
@@ -48,7 +48,7 @@ def build(tmp: str, tiny: bool) -> dict:
         write_gobjaverse_object(os.path.join(tmp, "gobjaverse"), f"{i:05d}", rgba, it["c2w"], it["K"],
                                 depth=it["depths"][:, 0])
         for v in range(len(rgba)):
-            save_grid(os.path.join(tmp, "sequences", f"seq{i}", f"{v:03d}.png"), [it["images"][v:v + 1]], pad=0)
+            save_image_grid(os.path.join(tmp, "sequences", f"seq{i}", f"{v:03d}.png"), [it["images"][v:v + 1]], pad=0)
     drive = ProceduralDriving(2, num_frames=4, res=dres, lidar_azimuths=64 if tiny else 256, frame_dt=1 / 12)
     samples = [drive[0], drive[1]]
     write_rig(os.path.join(tmp, "rig"), samples[0])

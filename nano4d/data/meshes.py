@@ -58,7 +58,7 @@ import torch
 
 from nano4d.cameras import fov_to_K, look_at
 from nano4d.data.gobjaverse import occupancy_from_points, read_gobjaverse_object, write_gobjaverse_object
-from nano4d.data.preview import save_grid
+from nano4d.files import atomic_write, save_image_grid
 
 __all__ = ["Material", "Mesh", "MeshError", "load_obj", "parse_mtl", "normalize_mesh", "y_up_to_z_up",
            "sample_surface", "gobjaverse_cameras", "PyBulletRenderer", "find_meshes",
@@ -564,10 +564,7 @@ def _render_task(task: dict) -> dict:
                 "views": task["views"], "res": task["res"], "fov_deg": task["fov"], "distance": task["distance"],
                 "elevation_deg": task["elevation"], "ssaa": task["ssaa"], "faces": int(len(mesh.faces)),
                 "warnings": mesh.warnings + r.warnings}
-        tmp = os.path.join(task["out"], task["id"], "render.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, os.path.join(task["out"], task["id"], "render.json"))
+        atomic_write(os.path.join(task["out"], task["id"], "render.json"), json.dumps(meta, indent=1).encode())
         rec.update(status="ok", warnings=meta["warnings"])
     except Exception as e:  # every failure is reported with its reason, never dropped
         rec.update(status="failed", reason=f"{type(e).__name__}: {e}")
@@ -597,7 +594,7 @@ def _preview(out: Path, ids: list, max_objects: int = 8, max_views: int = 8) -> 
         rows.append(o["images"] * o["alphas"] + (1 - o["alphas"]))              # on white
     if not rows:
         return None
-    return save_grid(str(out / "preview.png"), rows)
+    return save_image_grid(str(out / "preview.png"), rows)
 
 
 def render_collection(src, out, views: int = 40, res: int = 256, split: float = 0.1, fov_deg: float = 39.6,

@@ -46,6 +46,7 @@ from torch.utils.data import Dataset
 
 from nano4d.cameras import invert_pose, pose_from_quat_trans, rotmat_to_quat
 from nano4d.data.common import DataError, as_array, as_int, field, read_json
+from nano4d.files import atomic_write
 
 CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT")
 LIDAR = "LIDAR_TOP"
@@ -65,10 +66,7 @@ def _token(*parts) -> str:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj).encode())
 
 
 def _pose_record(T: torch.Tensor) -> dict:

@@ -1,57 +1,27 @@
 """Preview PNGs of the procedural data: ``python -m nano4d.data.preview --out runs/preview`` writes
 objects.png (rows: objects; views 0-3 are the ring), objects_geometry.png (alpha, depth, normals of the
 first object) and driving.png (rows: frames; columns: the 6 cameras; then depths and BEV labels with LiDAR).
-``save_grid`` writes any list of image rows as one PNG (also used by ``nano4d.data.meshes``).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from nano4d.data.driving import ProceduralDriving
 from nano4d.data.objects import ProceduralObjects
-
-
-def save_grid(path: str, rows, pad: int = 2) -> str:
-    """Save image rows (a list of (n, C, H, W) tensors in [0, 1], C = 1 or 3; rows may differ in size, cells
-    are padded) as one PNG on a white canvas, written to a temporary file and renamed. Returns ``path``."""
-    rows = [r.detach().float().cpu().clamp(0, 1) for r in rows]
-    rows = [r.expand(-1, 3, -1, -1) if r.shape[1] == 1 else r[:, :3] for r in rows]
-    cw, ch = max(r.shape[-1] for r in rows) + pad, max(r.shape[-2] for r in rows) + pad
-    canvas = torch.ones(3, ch * len(rows) + pad, cw * max(len(r) for r in rows) + pad)
-    for i, r in enumerate(rows):
-        for j, im in enumerate(r):
-            y, x = pad + i * ch, pad + j * cw
-            canvas[:, y:y + im.shape[-2], x:x + im.shape[-1]] = im
-    arr = (canvas.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(arr).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+from nano4d.files import colorize, save_image_grid
 
 
 _BEV_COLORS = torch.tensor([[0.85, 0.85, 0.85], [0.35, 0.35, 0.38], [0.9, 0.2, 0.15], [0.3, 0.45, 0.8]])
 
 
 def _colorize_depth(d: torch.Tensor, near: float) -> torch.Tensor:
-    """(..., 1, H, W) depth -> (..., 3, H, W) grey disparity near / depth (clamped to 1), black where 0."""
-    v = (near / d.clamp_min(1e-6)).clamp(0, 1) * (d > 0)
-    return v.expand(*d.shape[:-3], 3, *d.shape[-2:])
+    """(N, 1, H, W) depth -> (N, 3, H, W) disparity near / depth in turbo colours (clamped to 1), black where 0."""
+    return colorize(torch.where(d > 0, near / d.clamp_min(1e-6), float("nan")).clamp(max=1), 0.0, 1.0)
 
 
 def bev_image(bev: torch.Tensor, lidar: torch.Tensor | None = None, mask=None, bev_range: float = 51.2) -> torch.Tensor:
@@ -77,10 +47,11 @@ def preview(out_dir: str, num_objects: int = 6, num_views: int = 8, res: int = 9
     t0 = time.time()
     items = [ds[i] for i in range(num_objects)]
     t_obj = (time.time() - t0) / num_objects
-    paths = [save_grid(os.path.join(out_dir, "objects.png"), [it["images"] for it in items])]
+    paths = [save_image_grid(os.path.join(out_dir, "objects.png"), [it["images"] for it in items])]
     it = items[0]
-    paths.append(save_grid(os.path.join(out_dir, "objects_geometry.png"), [
-        it["images"], it["alphas"], _colorize_depth(it["depths"], 1.4), it["normals"] * 0.5 + 0.5 * it["alphas"]]))
+    paths.append(save_image_grid(os.path.join(out_dir, "objects_geometry.png"), [
+        it["images"], it["alphas"], _colorize_depth(it["depths"], 1.4), it["normals"] * 0.5 + 0.5 * it["alphas"]],
+        labels=["rgb", "alpha", "disparity", "normals"]))
     dd = ProceduralDriving(4, res=driving_res, seed=seed)
     t0 = time.time()
     s = dd[0]
@@ -89,7 +60,9 @@ def preview(out_dir: str, num_objects: int = 6, num_views: int = 8, res: int = 9
     rows += [_colorize_depth(s["depths"][k], 3.0) for k in range(s["images"].shape[0])]
     rows.append(torch.stack([F.interpolate(bev_image(s["bev"][k], s["lidar"][k], s["lidar_mask"][k])[None],
                                            size=driving_res, mode="nearest")[0] for k in range(s["bev"].shape[0])]))
-    paths.append(save_grid(os.path.join(out_dir, "driving.png"), rows))
+    T = s["images"].shape[0]
+    paths.append(save_image_grid(os.path.join(out_dir, "driving.png"), rows,
+                                 labels=[f"rgb t{k}" for k in range(T)] + [f"disp t{k}" for k in range(T)] + ["BEV"]))
     print(f"objects: {t_obj:.2f} s/sample ({num_views} views at {res}^2); driving: {t_drv:.2f} s/sample "
           f"(6 cams x {s['images'].shape[0]} frames at {driving_res[0]}x{driving_res[1]}); wrote {', '.join(paths)}")
     return paths

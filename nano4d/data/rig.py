@@ -20,6 +20,7 @@ from PIL import Image
 
 from nano4d.cameras import invert_pose, pose_from_quat_trans, project_points, rotmat_to_quat
 from nano4d.data.common import DataError, as_array, as_float, as_int, field, read_json
+from nano4d.files import atomic_write
 
 
 # ============================================================================ rig JSON (nuScenes-style)
@@ -93,11 +94,7 @@ def write_rig(root: str, sample: dict, name: str = "rig.json", lidar2ego=None) -
             fr["bev_path"] = brel
         rig["frames"].append(fr)
     path = os.path.join(root, name)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(rig, f, indent=1)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps(rig, indent=1).encode())
 
 
 def _pose(d: dict, prefix: str, where: str) -> torch.Tensor:
