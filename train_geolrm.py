@@ -285,11 +285,10 @@ def turntable(g: Gaussians, K, res: int, n: int, distance: float, elevation_deg:
     return out["rgb"][0].clamp(0, 1)
 
 
-def export(g: Gaussians, path: str, K, res: int, n: int, distance: float, sh_degree: int = 0, inputs=None) -> tuple:
+def export(g: Gaussians, path: str, K, res: int, n: int, distance: float, sh_degree: int, inputs) -> tuple:
     """``.ply`` + turntable strip (K at ``res`` px) + input views (images, c2w, K) as .cameras.npz for nano4d.view."""
     m = save_ply(path, *g, sh_degree=sh_degree)
-    if inputs is not None:
-        save_cameras(path[:-len(".ply")] + ".cameras.npz", *inputs)
+    save_cameras(path[:-len(".ply")] + ".cameras.npz", *inputs)
     strip = save_image_grid(path.replace(".ply", "_turntable.png"), [turntable(g, K, res, n, distance)], min_size=96)
     return m, strip
 
