@@ -69,19 +69,19 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class MuMConfig:
-    patch_size: int = 16
-    in_chans: int = 3
+    patch_size: int = 16            # ViT patch size p (pixels)
+    in_chans: int = 3               # input channels
     embed_dim: int = 1024           # encoder width C
     depth: int = 24                 # encoder blocks
     num_heads: int = 16             # encoder heads
     decoder_dim: int = 768          # decoder width Cd
     decoder_depth: int = 12         # decoder blocks (alternating frame-wise / global, frame first)
-    decoder_heads: int = 16
-    mlp_ratio: float = 4.0
-    mask_ratio: float = 0.75
+    decoder_heads: int = 16         # decoder heads
+    mlp_ratio: float = 4.0          # MLP hidden / width (encoder and decoder)
+    mask_ratio: float = 0.75        # fraction of patches removed, per view
     norm_pix_loss: bool = True      # per-patch normalised targets (the official setting)
-    rope_base: float = 100.0
-    ln_eps: float = 1e-5
+    rope_base: float = 100.0        # 2-D RoPE frequency base (DINOv3 axial layout)
+    ln_eps: float = 1e-5            # LayerNorm eps (the autoencoder release: 1e-6; see the docstring)
     rope_dtype: str = "float32"     # dtype of the RoPE tables and rotation ("bfloat16": encoder-only release)
     official_global_cls: bool = False  # True: zero CLS q/k in global blocks, as the official code does
     official_init: bool = False     # True: trunc-normal(0.02) linears + default-uniform patch embed
