@@ -27,7 +27,7 @@ def test_exact_resume_and_refusals(tmp_path, monkeypatch, torch_path, capsys):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     args = TINY + ["--steps", "3", "--ckpt_every", "1", "--eval_every", "2"]
     train_mim4d.main(args + ["--run_dir", a])
-    kill_between_files(monkeypatch, train_mim4d.main, args + ["--run_dir", b], step=1)
+    kill_between_files(monkeypatch, train_mim4d.main, args + ["--run_dir", b], step=2)
     train_mim4d.main(args + ["--run_dir", b])
     assert "resumed from step 2" in capsys.readouterr().out
     assert_same_run(a, b)
