@@ -35,7 +35,7 @@ from nano4d.data.driving import ProceduralDriving
 from nano4d.data.nuscenes import NuScenesDataset
 from nano4d.data.rig import RigDataset, lidar_to_depths
 from nano4d.data.sampling import ResumableSampler, Stream
-from nano4d.files import atomic_write, clean_stale_tmp, save_image_grid, save_json
+from nano4d.files import atomic_write, clean_stale_tmp, colorize, save_image_grid, save_json
 from nano4d.metrics import psnr
 from nano4d.mim4d import EMA, MIM4D, PRESETS, MIM4DConfig, read_safetensors, sample_rays
 from nano4d.utils import flag
@@ -161,29 +161,17 @@ def evaluate(model, val, device, run_dir=None, step=0):
             if run_dir and i < 2:                                               # preview: front camera, newest frame
                 preview.extend(render_preview(model, b))
     if run_dir and preview and U.is_main():
-        save_image_grid(os.path.join(run_dir, f"preview_{step:06d}.png"), preview)
+        save_image_grid(os.path.join(run_dir, f"preview_{step:06d}.png"), preview,
+                        labels=["RGB: GT | pred | warp", "depth: GT | pred | warp"] * (len(preview) // 2))
     model.train()
     return {k: sum(v) / len(v) for k, v in acc.items()}
-
-
-_VIRIDIS = torch.tensor([[0.267, 0.005, 0.329], [0.230, 0.322, 0.546], [0.128, 0.567, 0.551],
-                         [0.370, 0.789, 0.383], [0.993, 0.906, 0.144]])
-
-
-def depth_colors(z, zmax):
-    """z-depth (H, W) -> (3, H, W) viridis colours over [0, zmax] (near dark, far yellow); no depth (<= 0) black."""
-    x = (z / zmax).clamp(0, 1) * (len(_VIRIDIS) - 1)
-    i = x.floor().long().clamp(max=len(_VIRIDIS) - 2)
-    f = (x - i)[..., None]
-    cmap = _VIRIDIS.to(z.device)
-    return ((cmap[i] * (1 - f) + cmap[i + 1] * f) * (z > 0)[..., None]).permute(2, 0, 1)
 
 
 @torch.no_grad()
 def render_preview(model, b, cam=0):
     """Two preview rows for one sample, the newest frame's camera ``cam`` at full rig resolution, one ray per pixel
     through the front door (eval mode): target image | RGB from the predicted volume | RGB from the warp-only
-    baseline, and GT z-depth | predicted z-depth | baseline z-depth (viridis over 0 .. the box half-size)."""
+    baseline, and GT z-depth | predicted z-depth | baseline z-depth (turbo over 0 .. the box half-size)."""
     T, N = b["images"].shape[1:3]
     H, W = b["images"].shape[-2:]
     tgt = T - 1
@@ -199,7 +187,8 @@ def render_preview(model, b, cam=0):
     zmax = max(abs(x) for x in model.cfg.pc_range)
     zs = [b["depths"][0, tgt, cam, 0].float()] + [(r.depth[0] / ray_len).reshape(H, W) for r in (pred, warp)]
     rgb = [b["images"][0, tgt, cam].float()] + [r.rgb[0].reshape(H, W, 3).permute(2, 0, 1) for r in (pred, warp)]
-    return [torch.stack(rgb).cpu(), torch.stack([depth_colors(z, zmax) for z in zs]).cpu()]
+    z = torch.stack(zs).cpu()
+    return [torch.stack(rgb).cpu(), colorize(torch.where(z > 0, z, float("nan")), 0.0, zmax)]
 
 
 # ----------------------------------------------------------------------------- EMA beside the checkpoint

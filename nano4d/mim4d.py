@@ -373,9 +373,8 @@ def lift_to_voxels(cfg, maps, probs, K, cam2ego, lidar2ego, img_hw):
         locs = torch.stack(locs, 2)                                             # (B*N, Q, M, 2)
     # one deform_attn call: M levels x 1 point, 1 head of C channels, cameras folded into the batch
     value = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)[:, :, None]   # (B*N, S, 1, C)
-    shapes = torch.tensor([m.shape[-2:] for m in maps], device=value.device, dtype=torch.long)
-    starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
-    out = kernels.deform_attn(value, shapes, starts, locs[:, :, None, :, None].to(value.dtype),
+    shapes = [tuple(m.shape[-2:]) for m in maps]                           # Python ints: no host sync
+    out = kernels.deform_attn(value, shapes, None, locs[:, :, None, :, None].to(value.dtype),
                               weights.reshape(BN, -1, 1, M, 1).to(value.dtype))
     out = out.reshape(B, N, Z, Y, X, C).sum(1)                                  # sum over cameras
     return out.permute(0, 4, 1, 2, 3).contiguous()                              # (B, C, Z, Y, X)
@@ -467,11 +466,9 @@ class TemporalSelfAttention(nn.Module):
         loc = ref[None, :, None, None, None] + off                              # (B, Q, H, L, P, 2)
         w = self.attention_weights(qp).reshape(B, Q, H, L, P).softmax(-1)
         v = self.value_proj(values).reshape(B * L, Q, H, C // H)                # queue folded into batch
-        shapes = torch.tensor([[Y, X]], device=q.device)
-        starts = torch.zeros(1, dtype=torch.long, device=q.device)
         loc = loc.permute(0, 3, 1, 2, 4, 5).reshape(B * L, Q, H, 1, P, 2)
         w = w.permute(0, 3, 1, 2, 4).reshape(B * L, Q, H, 1, P)
-        out = kernels.deform_attn(v, shapes, starts, loc.to(v.dtype), w.to(v.dtype))
+        out = kernels.deform_attn(v, [(Y, X)], None, loc.to(v.dtype), w.to(v.dtype))   # int shapes: no sync
         out = out.reshape(B, L, Q, C).mean(1)                                   # average over the queue
         return q + self.output_proj(out)
 
@@ -574,8 +571,9 @@ class VoxelField(nn.Module):
         return F.grid_sample(state[:, :1], p.reshape(B, 1, R, S, 3), align_corners=True)[:, 0, 0]
 
     def render(self, state, o, d, t, inv_s):
-        feat, depth, opacity = kernels.render_sdf(state, metric_to_unit(self.cfg, o),
-                                                  metric_to_unit(self.cfg, d, direction=True), t.contiguous(), inv_s)
+        feat, depth, opacity = kernels.render_sdf(state, metric_to_unit(self.cfg, o),   # trusted: sorted t, clamped
+                                                  metric_to_unit(self.cfg, d, direction=True), t.contiguous(), inv_s,
+                                                  validate=False)
         rgb = torch.sigmoid(self.rgb(torch.cat([feat, d], -1)))
         return rgb, depth, opacity
 

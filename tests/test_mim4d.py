@@ -545,3 +545,20 @@ def test_model_file_imports_only_torch_kernels_and_stdlib():
             "print(m.MIM4D.__name__)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0 and "MIM4D" in r.stdout, r.stderr
+
+
+def test_training_step_makes_no_host_syncs_on_the_kernel_path(monkeypatch):
+    """Lifting (deform_attn with Python-int level shapes), the temporal decoder and the voxel field's renderer
+    (render_sdf on its trusted path) never read a tensor value on the host, forward and backward, given the rays
+    (ray picking draws from the LiDAR-valid pixels, which sizes its output on the host)."""
+    from tests.sync_count import count_host_syncs
+    monkeypatch.setenv("NANO4D_FORCE_TRITON", "1")
+    cfg = small_cfg(rays_per_cam=4, num_uniform=6, num_importance=2, grid=(6, 6, 2))
+    torch.manual_seed(0)
+    model = M.MIM4D(cfg).train()
+    batch = batch_for(cfg, 1)
+    rays = [model.sample_rays(batch["depths"][:, 2], batch["K"], batch["cam2ego"], batch["lidar2ego"], 4)]
+    with count_host_syncs() as syncs:
+        loss, _ = model(dict(batch, rays=rays, targets=[2]))
+        loss.backward()
+    assert syncs.count == 0, syncs.calls
