@@ -1,6 +1,6 @@
 """Benchmark kernels.rasterize_gaussians (3D Gaussian splatting) against its baselines.
 
-    python bench/splat.py            # GPU: the issue's sizes (a)-(d), Triton vs reference vs gsplat
+    python bench/splat.py            # GPU: sizes (a)-(d) below, Triton vs reference vs gsplat
     python bench/splat.py --tiny     # CPU smoke run in seconds (reference paths + the interpreted kernel)
     python bench/splat.py --static   # no GPU needed: compile for sm_90 as the JIT would, read ptxas -v and SASS
 

@@ -485,7 +485,7 @@ def _block_ranges(seg: torch.Tensor, block_rows: int, block_cols: int) -> torch.
 
 
 def _flags(dtype):
-    upcast = interpreting() and dtype == torch.bfloat16  # CONVENTIONS §9: bf16 tl.dot is wrong interpreted
+    upcast = interpreting() and dtype == torch.bfloat16  # the interpreter computes bf16 tl.dot wrongly
     ieee = dtype == torch.float32
     return upcast, ieee
 

@@ -60,7 +60,7 @@ Differences from the official code (hustvl/MIM4D vs0.1 + the UniPAD render head)
     distance along the ray in both. No flag (a data-pipeline choice).
   - weight decay: the official (mmcv) decays every parameter; ``configure_optimizer`` skips norms, biases,
     1-D parameters, queries and embeddings unless ``official_decay_all=True``.
-  - EMA: the issue's recipe (decay 0.999 ramped by 1 - exp(-t/2000), BEVDepth's ``ModelEMA``) is ``EMA``'s
+  - EMA: the recipe's (decay 0.999 ramped by 1 - exp(-t/2000), BEVDepth's ``ModelEMA``) is ``EMA``'s
     default; the vs0.1 config's ``EMAHook`` entry resolves to mmcv's hook (decay 0.9998, no effective ramp,
     parameters only), which ``EMA(model, decay=0.9998, ramp=0)`` reproduces.
   - depth bins: as the official, bin k sits at k*depth_max/(D-1) and voxels outside (0, depth_max) camera
@@ -87,47 +87,47 @@ import kernels
 @dataclass
 class MIM4DConfig:
     img_size: tuple = (96, 176)          # (H, W) of the input images (padded to a multiple of 32 inside)
-    num_cams: int = 6
+    num_cams: int = 6                    # number of surround cameras
     num_frames: int = 3                  # T frames per sample
     # masked ConvNeXt backbone
-    depths: tuple = (1, 1, 2, 1)
-    dims: tuple = (24, 48, 96, 192)
+    depths: tuple = (1, 1, 2, 1)         # ConvNeXt blocks per stage
+    dims: tuple = (24, 48, 96, 192)      # ConvNeXt channels per stage
     drop_path: float = 0.0               # stochastic depth, linear over blocks up to this rate
     frozen_stages: int = 0               # stem + the first ``frozen_stages`` stages get no gradient
-    mask_ratio: float = 0.3
-    mask_patch: int = 32
-    fpn_dim: int = 32
-    depth_bins: int = 16
+    mask_ratio: float = 0.3              # fraction of image patches masked (SparK-style, per image)
+    mask_patch: int = 32                 # masking patch size in pixels
+    fpn_dim: int = 32                    # FPN / input_proj channels
+    depth_bins: int = 16                 # depth bins of the per-level depth head
     depth_max: float = 40.0              # metres covered by the depth bins
     # voxel grid in the LiDAR frame: (x_min, y_min, z_min, x_max, y_max, z_max), nodes (X, Y, Z)
     pc_range: tuple = (-20.0, -20.0, -3.0, 20.0, 20.0, 3.0)
-    grid: tuple = (32, 32, 4)
-    vox_dim: int = 32
+    grid: tuple = (32, 32, 4)            # voxel nodes (X, Y, Z) over pc_range
+    vox_dim: int = 32                    # channels of each frame's volume after render_conv
     # dropped-frame temporal decoder
-    short_dim: int = 64
-    short_heads: int = 4
-    long_dim: int = 32
-    long_heads: int = 2
-    dec_layers: int = 2
-    dec_points: int = 4
+    short_dim: int = 64                  # temporal decoder short branch width
+    short_heads: int = 4                 # short branch attention heads
+    long_dim: int = 32                   # temporal decoder long branch width
+    long_heads: int = 2                  # long branch attention heads
+    dec_layers: int = 2                  # decoder layers per branch
+    dec_points: int = 4                  # deformable sampling points per head
     # SDF field and rendering
     field: str = "voxel"                 # render field, a key of FIELDS (section 4)
-    field_hidden: int = 32
+    field_hidden: int = 32               # hidden width of the voxel field's per-voxel MLP
     render_feat: int = 16                # feature channels rendered next to the SDF (voxel field)
     # official per-sample field (field="official"): the UniPAD SDF / RGB decoders' sizes
     sample_hidden: int = 16              # width of both decoders
     sample_geo: int = 16                 # geometry features output next to the SDF
     sample_sdf_blocks: int = 5           # SDF decoder: fc_p + 6 linear layers (5 hidden + output)
     sample_rgb_blocks: int = 3           # RGB decoder: fc_p + 4 linear layers (3 hidden + output)
-    rays_per_cam: int = 96
+    rays_per_cam: int = 96                # supervised LiDAR rays per camera and target frame
     ray_radius: tuple = (3.0, 50.0)      # picked surface points lie this far from the LiDAR in xy (metres)
     num_uniform: int = 48                # stratified samples per ray
     num_importance: int = 16             # NeuS up-samples from the coarse pass
-    coarse_inv_s: float = 64.0
+    coarse_inv_s: float = 64.0           # fixed NeuS sharpness of the coarse pass that places importance samples
     variance_init: float = 0.3           # inv_s = exp(10 * variance)
     near_min: float = 1.0                # metres (the official box collider clamps near to >= 1 m)
-    rgb_weight: float = 10.0
-    depth_weight: float = 10.0
+    rgb_weight: float = 10.0             # weight of the L1 RGB loss
+    depth_weight: float = 10.0           # weight of the masked L1 depth loss
     # official behaviour, reachable by flags (see the docstring)
     official_voxel_drift: bool = False
     official_index_warp: bool = False

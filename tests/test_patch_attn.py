@@ -1,7 +1,7 @@
 """Tests for kernels/patch_attn.py: segment-id masked attention (Triton kernel vs explicit-mask reference).
 
 On CPU the kernels run through the Triton interpreter (tests/conftest.py); interpreted bf16 dots are
-upcast to fp32 by the launcher (CONVENTIONS §9), real bf16 dots are checked by the @gpu tests.
+upcast to fp32 by the launcher (the interpreter computes bf16 tl.dot wrongly), real bf16 dots are checked by the @gpu tests.
 Interpreter cost grows with B*H*N^2, so the property test caps B*H*N (see ``_shape``).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ LAYOUTS = ("none", "equal_views", "unequal_views", "ragged", "interleaved", "one
 # ----------------------------------------------------------------------------- helpers
 
 def make_segments(kind: str, B: int, N: int, gen: torch.Generator) -> torch.Tensor | None:
-    """Segment-id layouts of the issue: (B, N) int64 or None."""
+    """Segment-id layouts: (B, N) int64 or None."""
     if kind == "none":
         return None
     if kind == "equal_views":

@@ -5,7 +5,7 @@ by how far the *reference itself*, run in the same low dtype (``ref_lo``), stray
 
     max|out - ref64| <= k * max|ref_lo - ref64| + atol(dtype)
 
-k = 2 for forward outputs, 3 for gradients (CONVENTIONS §2).
+k = 2 for forward outputs, 3 for gradients.
 """
 from __future__ import annotations
 
