@@ -596,7 +596,7 @@ def plot_run(run_dir, out_dir, name: str | None = None) -> list:
         fig, axes = plt.subplots(1, len(stages), figsize=(5.5 * len(stages), 3.8), squeeze=False)
         for ax, st in zip(axes[0], stages):
             recs = [r for r in run["train"] if r.get("stage", "") == st]
-            keys = [k for k in recs[-1] if k not in _NOT_LOSSES and not k.endswith("_per_s")
+            keys = [k for k in recs[-1] if k not in _NOT_LOSSES and not k.endswith("_s")       # timings: *_s
                     and isinstance(recs[-1][k], (int, float))]
             for k in keys:
                 xs = [r["step"] for r in recs if k in r]
