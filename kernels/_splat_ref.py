@@ -48,7 +48,6 @@ def project_gaussians_ref(means, quats, scales, viewmats, Ks, width: int, height
     (radius 0) have zero means2d/conics/depths. Differentiable in all float inputs by autograd.
     """
     B, N = means.shape[:2]
-    V = viewmats.shape[1]
     fin = (torch.isfinite(means).all(-1) & torch.isfinite(quats).all(-1) & torch.isfinite(scales).all(-1))
     fin = fin & (quats.detach().abs().sum(-1) > 0)
     # sanitize culled inputs so no NaN reaches autograd (0 * NaN = NaN in the backward of torch.where)
@@ -68,7 +67,6 @@ def project_gaussians_ref(means, quats, scales, viewmats, Ks, width: int, height
     zs = torch.where(in_depth, z, torch.ones_like(z))
     fx, fy = Ks[..., 0, 0][:, :, None], Ks[..., 1, 1][:, :, None]
     cx, cy = Ks[..., 0, 2][:, :, None], Ks[..., 1, 2][:, :, None]
-    zero = torch.zeros_like(zs)
     # Σ₂ = J Mc Mcᵀ Jᵀ = T Tᵀ with the two rows of T = J Mc
     T0 = (fx / zs)[..., None] * Mc[..., 0, :] - (fx * x / (zs * zs))[..., None] * Mc[..., 2, :]
     T1 = (fy / zs)[..., None] * Mc[..., 1, :] - (fy * y / (zs * zs))[..., None] * Mc[..., 2, :]
