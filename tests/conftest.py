@@ -9,10 +9,16 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Test tensors are tiny: one intra-op thread per test process (and the subprocesses it starts). With pytest -n 2
+# on 2 cores, torch's default of one thread per core oversubscribes them and small ops wait in OpenMP barriers.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 if ROOT not in sys.path:  # `from tests.aot import ...` works without installing the tests
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+
+if os.environ["OMP_NUM_THREADS"] == "1":
+    torch.set_num_threads(1)
 
 HAS_CUDA = torch.cuda.is_available()
 
