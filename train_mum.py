@@ -198,7 +198,8 @@ def evaluate(model, images, device, step, tc, preview=True):
         x, pred, mask = first
         n = min(2, len(x)) * x.shape[1]
         rows = [t[:n] for t in model.reconstruct(x, pred, mask)]
-        save_image_grid(os.path.join(tc.run_dir, f"preview_{step:06d}.png"), rows)
+        save_image_grid(os.path.join(tc.run_dir, f"preview_{step:06d}.png"), rows, min_size=64,
+                        labels=["masked input", "reconstruction", "target"])
     return sum(losses) / len(images)
 
 

@@ -297,7 +297,7 @@ class ViTBlock(nn.Module):
 
 class ImageEncoder(nn.Module):
     """Images (B, V, 3, h, w) in [0, 1] + cameras -> two feature levels flattened for deformable attention:
-    feats (B*V, S, feat_dim), shapes (2, 2) [(h/4, w/4) low-level, (2h/p, 2w/p) high-level], starts (2,)."""
+    feats (B*V, S, feat_dim); shapes ((h/4, w/4) low, (2h/p, 2w/p) high) and starts (2 ints): Python ints."""
 
     def __init__(self, cfg: GeoLRMConfig):
         super().__init__()
@@ -347,8 +347,8 @@ class ImageEncoder(nn.Module):
         high = self.up_bn(self.up(tok))                                               # (BV, F, 2h, 2w)
         rays = plucker_rays(c2w, K, Hi, Wi, unit=not self.cfg.official_plucker).flatten(0, 1)  # (BV, 6, Hi, Wi)
         low = self.low_bn(self.low(torch.cat([x, rays.to(x.dtype)], 1)))              # (BV, F, Hi/4, Wi/4)
-        shapes = torch.tensor([low.shape[-2:], high.shape[-2:]], dtype=torch.int64, device=x.device)
-        starts = torch.tensor([0, low.shape[-2] * low.shape[-1]], dtype=torch.int64, device=x.device)
+        shapes = (tuple(low.shape[-2:]), tuple(high.shape[-2:]))                     # Python ints: no host sync
+        starts = (0, low.shape[-2] * low.shape[-1])
         feats = torch.cat([low.flatten(2), high.flatten(2)], 2).transpose(1, 2)       # (BV, S, F)
         return feats, shapes, starts
 
@@ -452,7 +452,7 @@ class DeformCrossAttention(nn.Module):
         V = ref.shape[1]
         # sampling runs in fp32 (as the official mmcv op): bf16 locations would be off by ~1/256 of the map
         value = self.value_proj(feats).float().view(B * V, -1, self.h, C // self.h)  # (BV, S, H, D)
-        wh = shapes.flip(-1).float()                                                  # (L, 2) level (W, H)
+        wh = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=x.device)   # (L, 2) (W, H)
         off = self.offsets(x).float().view(B, 1, N, self.h, self.l, self.p, 2) / wh[:, None]
         loc = ref[:, :, :, None, None, None, :].float() + off                         # (B, V, N, H, L, P, 2)
         attn = self.weights(x).float().view(B, N, self.h, -1).softmax(-1).view(B, 1, N, self.h, self.l, self.p)

@@ -718,3 +718,15 @@ def test_reconstruction_step_makes_no_host_syncs_on_the_kernel_path():
         loss, out = model(batch, stage="recon")
         loss.backward()
     assert syncs.count == 0, syncs.calls
+
+
+def test_recon_front_door_compiles_without_graph_breaks(torch_path):
+    """With the anchors given (occupancy selection is data-dependent and stays outside), the reconstruction
+    front door compiles as one graph (fullgraph=True) and gives the eager loss."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = G.GeoLRM(micro_cfg())
+    _, rec_b = _front_door_batches()
+    batch = {**rec_b, "anchors": model.gt_anchors(rec_b["occupancy"])}
+    compiled = torch.compile(lambda b: model(b, stage="recon")[0], fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(batch), model(batch, stage="recon")[0], rtol=1e-5, atol=1e-6)

@@ -562,3 +562,17 @@ def test_training_step_makes_no_host_syncs_on_the_kernel_path(monkeypatch):
         loss, _ = model(dict(batch, rays=rays, targets=[2]))
         loss.backward()
     assert syncs.count == 0, syncs.calls
+
+
+def test_front_door_compiles_without_graph_breaks():
+    """With the rays given (ray picking draws a data-dependent number of LiDAR pixels and stays outside), the
+    training front door compiles as one graph (fullgraph=True) and gives the eager loss."""
+    torch._dynamo.reset()
+    cfg = small_cfg(rays_per_cam=4, num_uniform=6, num_importance=2, grid=(6, 6, 2))
+    torch.manual_seed(0)
+    model = M.MIM4D(cfg).eval()
+    batch = batch_for(cfg, 1)
+    rays = [model.sample_rays(batch["depths"][:, 2], batch["K"], batch["cam2ego"], batch["lidar2ego"], 4)]
+    b = dict(batch, rays=rays, targets=[2])
+    compiled = torch.compile(lambda x: model(x)[0], fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(b), model(b)[0], rtol=1e-5, atol=1e-6)
