@@ -223,7 +223,7 @@ def test_load_dinov2_hf_state_dict(tmp_path, torch_path):
     # the loaded ViT runs, and its position table is interpolated to a larger input (3x3 patches)
     c2w, K = cameras(2, res=24)
     feats, shapes, starts = enc(torch.rand(1, 2, 3, 24, 24), c2w[None], K[None])
-    assert shapes.tolist() == [[6, 6], [6, 6]] and feats.shape == (2, 72, 12) and starts.tolist() == [0, 36]
+    assert shapes == ((6, 6), (6, 6)) and feats.shape == (2, 72, 12) and starts == (0, 36)
     with pytest.raises(ValueError, match="unexpected key"):
         G.load_dinov2_hf(enc, {**sd, "pooler.dense.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="lacks"):
@@ -355,7 +355,7 @@ def test_official_attention_is_head_softmax_then_token_mixing_and_ignores_rope()
         torch.manual_seed(0)
         blk = G.GeoBlock(12, 2, 6, micro_cfg(official_fp32_attention=flag)).double()
         x = torch.randn(1, 4, 12, dtype=torch.float64)
-        feats, shapes, starts = torch.randn(1, 20, 6, dtype=torch.float64), torch.tensor([[4, 4], [2, 2]]), torch.tensor([0, 16])
+        feats, shapes, starts = torch.randn(1, 20, 6, dtype=torch.float64), ((4, 4), (2, 2)), (0, 16)
         ref, vis = torch.rand(1, 1, 4, 2, dtype=torch.float64), torch.ones(1, 1, 4, dtype=torch.bool)
         p1, p2 = torch.randint(0, 128, (1, 4, 3), generator=g), torch.randint(0, 128, (1, 4, 3), generator=g)
         with torch.no_grad():
