@@ -182,6 +182,7 @@ def sass_stats(cubin: bytes) -> dict:
         return sum(1 for t in seq if re.search(pat, t))
     return {
         "sass": len(ins), "loop": len(body) if loops else 0,
+        "inner": sorted((hi - lo + 1 for lo, hi in inner), reverse=True) if loops else [],
         "ldg": count(r"\bLDG\b|\bLDG\.", body), "ldg_vec": count(r"\bLDG\.E\.(64|128)", body),
         "local": count(r"\b(LDL|STL)\b", body), "atomics": count(r"\b(REDG?|ATOMG?)(\.|\b)", body),
         "mufu": count(r"\bMUFU\.", body), "i64": count(r"\.X\b|IMAD\.WIDE", body),

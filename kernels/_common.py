@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 
 import numpy as np
 import torch
@@ -87,7 +88,9 @@ def launch(kernel, grid, *args, **kwargs) -> None:
 
     def target():
         try:
-            with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"), \
+                    warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)   # numpy's "All-NaN slice" from a NaN max
                 kernel[grid](*args, **kwargs)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             err.append(e)

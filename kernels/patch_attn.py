@@ -11,7 +11,7 @@ Math. For each batch b and head h, with q, k, v of shape (N, D) and segment ids 
 index; global attention = one id per sample; ragged batches = -1 on padding tokens. A padding row
 gets a zero output and passes/receives exactly zero gradient (never uninitialized memory).
 
-Layouts: q, k, v (B, H, N, D), any strides (views of a packed qkv tensor work, no copy);
+Layouts: q, k, v (B, H, N, D), any strides (views of a packed qkv tensor work; see the copies below);
 segment_ids (B, N), any integer dtype (int32 / int64 read as they are). Output (B, H, N, D), contiguous,
 dtype of q. Differentiable in q, k, v (not in segment_ids, not in scale).
 
@@ -23,7 +23,21 @@ blocks (no atomics: the backward is deterministic). No N x N matrix is ever stor
 Block skipping: a tiny pre-pass kernel gives each block its min/max non-negative id; a query block
 visits only the key-block range [lo, hi) whose id ranges can meet its own. With contiguous segments
 that range is tight (frame-wise over V views costs ~1/V of global); with interleaved ids the range is
-wider but the per-element mask keeps the result exact. Without ids nothing is pre-computed.
+wider but the per-element mask keeps the result exact. The pre-pass also finds, inside [lo, hi), the run
+[flo, fhi) of blocks that hold only the one id of a padding-free row block: those tiles run a second loop
+with no segment mask, no padding masks and no id loads (about half the SASS of a masked tile on sm_90;
+frame-wise attention over whole views is mostly such tiles). Without ids nothing is pre-computed.
+
+Non-finite values. With segment ids the kernels read copies made by one elementwise pass each: the
+forward a q and a k in which a token row with any non-finite entry (of q; of k or v) is all NaN, and a v
+with non-finite entries zeroed, so a NaN score reaches only the pairs the mask keeps (masked scores are
+replaced by -inf) and P @ V never forms 0 * NaN; the backward reads zeroed copies of q, k, v and dO, and
+carries the NaN of a row (non-finite O or dO) in its LSE, so P is NaN exactly on the pairs that row
+attends. Result: a non-finite q / k / v / dO entry makes NaN the outputs and gradients of the rows and
+keys of its own segment that are linked to it, and nothing else changes, bit for bit (padding tokens are
+never read at all). Without ids every row attends every key, so NaN anywhere reaches everything, as the
+math says. The copies cost 3 reads + 3 writes of (B, H, N, D) per forward (4 + 4 per backward), small
+next to the O(N^2 D) attention; views of a packed qkv tensor need no copy on the no-ids path.
 
 Limits: fp32, bf16, fp16 (fp32 accumulation), fp64 (fp64 accumulation; a verification dtype,
 used by gradcheck). Head dim 1 <= D <= 256, padded internally by masked loads to the next tile
@@ -31,9 +45,8 @@ width of 16/32/64/128/256 (the caller never pads). fp32 inputs use exact fp32 do
 (``input_precision="ieee"``), not TF32: accurate, but no tensor cores on the GPU (use bf16/fp16 for
 speed). The LSE is stored in fp32, so at extreme logits (|scale * q.k| ~ 100+) fp32 gradients carry
 a relative error ~|lse| * 2^-24, as in any FlashAttention-style backward. Non-finite inputs are not
-checked (that costs a device sync): they propagate NaN to the rows that attend them; in the Triton
-kernels a NaN / Inf in a token of the same key block as attended tokens can also reach rows that do not
-attend it (0 * NaN inside the block matmul); the reference removes masked pairs exactly. The backward runs 7 block matmuls per tile
+rejected (that costs a device sync): they propagate as described above, on both paths. The backward runs
+7 block matmuls per tile
 pair (FlashAttention-2 runs 5 by accumulating dQ with atomics in the dK/dV sweep); the separate dQ sweep
 keeps it deterministic.
 """
@@ -59,8 +72,11 @@ _DOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def _patch_attn_ranges_kernel(seg_ptr, range_ptr, N, n_rblocks, n_cblocks, stride_sb, stride_sn,
                               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK: tl.constexpr,
                               SEG64: tl.constexpr):
-    """Block-skipping pre-pass. One program per (b, row block): the range [lo, hi) of column blocks
-    whose non-negative id range [min, max] meets the row block's (empty range: lo == hi)."""
+    """Block-skipping pre-pass. One program per (b, row block) stores four int32:
+    [lo, hi): the column blocks whose non-negative id range [min, max] meets the row block's (lo == hi: none);
+    [flo, fhi) inside it: column blocks whose every id equals the one id of the whole row block (no padding,
+    nothing past N on either side), so the tile needs no per-element mask; empty (flo == fhi == lo) unless
+    those blocks are contiguous."""
     big = 2**62 if SEG64 else 2147483647
     pid = tl.program_id(0).to(tl.int64)
     r = pid % n_rblocks
@@ -70,8 +86,12 @@ def _patch_attn_ranges_kernel(seg_ptr, range_ptr, N, n_rblocks, n_cblocks, strid
     ids = tl.load(seg_ptr + offs * stride_sn, mask=offs < N, other=-1)
     rmin = tl.min(tl.where(ids >= 0, ids, big), 0)
     rmax = tl.max(tl.where(ids >= 0, ids, -1), 0)
+    r_one = (tl.min(ids, 0) == rmax) & (rmax >= 0)        # one id on every row (rows past N read as -1)
     lo = tl.zeros([], dtype=tl.int32) + n_cblocks
     hi = tl.zeros([], dtype=tl.int32)
+    flo = tl.zeros([], dtype=tl.int32) + n_cblocks
+    fhi = tl.zeros([], dtype=tl.int32)
+    nfull = tl.zeros([], dtype=tl.int32)
     for c0 in range(0, n_cblocks, CHUNK):
         cblk = c0 + tl.arange(0, CHUNK)
         offs_c = cblk[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
@@ -81,9 +101,105 @@ def _patch_attn_ranges_kernel(seg_ptr, range_ptr, N, n_rblocks, n_cblocks, strid
         meet = (cmin <= rmax) & (cmax >= rmin) & (cblk < n_cblocks)
         lo = tl.minimum(lo, tl.min(tl.where(meet, cblk, n_cblocks), 0))
         hi = tl.maximum(hi, tl.max(tl.where(meet, cblk + 1, 0), 0))
+        full = (tl.min(cid, 1) == rmax) & (tl.max(cid, 1) == rmax) & r_one & (cblk < n_cblocks)
+        flo = tl.minimum(flo, tl.min(tl.where(full, cblk, n_cblocks), 0))
+        fhi = tl.maximum(fhi, tl.max(tl.where(full, cblk + 1, 0), 0))
+        nfull += tl.sum(full.to(tl.int32), 0)
     lo = tl.minimum(lo, hi)
-    tl.store(range_ptr + pid * 2, lo)
-    tl.store(range_ptr + pid * 2 + 1, hi)
+    run = (nfull > 0) & (nfull == fhi - flo)               # the full blocks form one contiguous run
+    tl.store(range_ptr + pid * 4, lo)
+    tl.store(range_ptr + pid * 4 + 1, hi)
+    tl.store(range_ptr + pid * 4 + 2, tl.where(run, flo, lo))
+    tl.store(range_ptr + pid * 4 + 3, tl.where(run, fhi, lo))
+
+
+@triton.jit
+def _patch_attn_sanitize_kernel(x_ptr, w_ptr, y_ptr, N, D, H, n_blocks,
+                                stride_xb, stride_xh, stride_xn, stride_xd,
+                                stride_wb, stride_wh, stride_wn, stride_wd,
+                                BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, NAN_ROWS: tl.constexpr,
+                                HAS_W: tl.constexpr):
+    """y (B, H, N, D) contiguous from x. NAN_ROWS False: every non-finite entry of x replaced by 0.
+    NAN_ROWS True: a whole token row of NaN where x (or, with HAS_W, w) holds a non-finite entry, else x.
+    The forward reads NaN rows for q and k (a NaN score, where allowed, poisons exactly the rows that attend
+    it; masked scores are replaced by -inf) and a zeroed v (P @ V never forms 0 * NaN); the backward reads
+    zeroed copies of all three (its NaN travels in the LSE)."""
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m = pid % n_blocks
+    pid_bh = pid // n_blocks
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = (offs_m < N)[:, None] & (offs_d[None, :] < D)
+    x = tl.load(x_ptr + b * stride_xb + h * stride_xh + offs_m[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+                mask=msk, other=0.0)
+    fin = tl.abs(x) < float("inf")                      # false for +-inf and NaN
+    if NAN_ROWS:
+        nbad = tl.sum(tl.where(fin, 0, 1), 1)
+        if HAS_W:
+            w = tl.load(w_ptr + b * stride_wb + h * stride_wh + offs_m[:, None] * stride_wn + offs_d[None, :] * stride_wd,
+                        mask=msk, other=0.0)
+            nbad += tl.sum(tl.where(tl.abs(w) < float("inf"), 0, 1), 1)
+        y = tl.where(nbad[:, None] > 0, float("nan"), x)
+    else:
+        y = tl.where(fin, x, 0.0)
+    tl.store(y_ptr + pid_bh * N * D + offs_m[:, None] * D + offs_d[None, :], y.to(y_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, seg_q, jb, k_ptr, v_ptr, segk_ptr, N, qk_scale,
+              stride_kn, stride_kd, stride_vn, stride_vd, stride_sn, offs_n0, offs_d, d_in,
+              BLOCK_N: tl.constexpr, HAS_SEG: tl.constexpr, SEG_MASK: tl.constexpr, TAIL: tl.constexpr,
+              UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
+    """One key block of the forward's online softmax. SEG_MASK: per-element segment mask (padding keys are
+    not even read); TAIL: only keys past N are masked; neither: a full tile, no mask at all."""
+    offs_n = jb * BLOCK_N + offs_n0
+    kt_ptrs = k_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_ptrs = v_ptr + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    if SEG_MASK:
+        n_in = offs_n < N
+        seg_k = tl.load(segk_ptr + offs_n * stride_sn, mask=n_in, other=-1)
+        ld_n = n_in & (seg_k >= 0)
+        kt = tl.load(kt_ptrs, mask=ld_n[None, :] & d_in[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=ld_n[:, None] & d_in[None, :], other=0.0)
+    elif TAIL:
+        n_in = offs_n < N
+        kt = tl.load(kt_ptrs, mask=n_in[None, :] & d_in[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=n_in[:, None] & d_in[None, :], other=0.0)
+    else:
+        kt = tl.load(kt_ptrs, mask=d_in[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=d_in[None, :], other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+        v = v.to(tl.float32)
+    if IEEE:
+        s = tl.dot(q, kt, input_precision="ieee", out_dtype=ACC)
+    else:
+        s = tl.dot(q, kt, out_dtype=ACC)
+    s = s * qk_scale
+    if SEG_MASK:
+        ok = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] >= 0)
+        s = tl.where(ok, s, float("-inf"))
+    elif TAIL:    # without ids only keys past N are masked (never a whole block)
+        s = tl.where(n_in[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if SEG_MASK:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
+    else:
+        m_use = m_new
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # P is rounded to the input dtype before the PV product (as on the GPU, also when upcasting)
+    pv = p.to(v_ptr.dtype.element_ty)
+    if UPCAST:
+        pv = pv.to(tl.float32)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision="ieee", out_dtype=ACC)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(pv, v, out_dtype=ACC)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -112,60 +228,35 @@ def _patch_attn_fwd_kernel(
                 mask=m_in[:, None] & d_in[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    if HAS_SEG:
-        seg_q = tl.load(seg_ptr + b * stride_sb + offs_m * stride_sn, mask=m_in, other=-1)
-        lo = tl.load(range_ptr + (b * n_mblocks + pid_m) * 2)
-        hi = tl.load(range_ptr + (b * n_mblocks + pid_m) * 2 + 1)
-    else:
-        lo = 0
-        hi = tl.cdiv(N, BLOCK_N)
     k_ptr += b * stride_kb + h * stride_kh
     v_ptr += b * stride_vb + h * stride_vh
-
+    seg_ptr += b * stride_sb
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-    for jb in range(lo, hi):
-        offs_n = jb * BLOCK_N + offs_n0
-        n_in = offs_n < N
-        ld_n = n_in
-        if HAS_SEG:   # padding keys (id < 0) are never read: their values cannot reach any row
-            seg_k = tl.load(seg_ptr + b * stride_sb + offs_n * stride_sn, mask=n_in, other=-1)
-            ld_n = n_in & (seg_k >= 0)
-        kt = tl.load(k_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=ld_n[None, :] & d_in[:, None], other=0.0)
-        v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=ld_n[:, None] & d_in[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee", out_dtype=ACC)
-        else:
-            s = tl.dot(q, kt, out_dtype=ACC)
-        s = s * qk_scale
-        if HAS_SEG:
-            ok = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] >= 0)
-            s = tl.where(ok, s, float("-inf"))
-        elif not EVEN_N:  # without ids only keys past N are masked (never a whole block)
-            s = tl.where(n_in[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if HAS_SEG:
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
-        else:
-            m_use = m_new
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # P is rounded to the input dtype before the PV product (as on the GPU, also when upcasting)
-        pv = p.to(v_ptr.dtype.element_ty)
-        if UPCAST:
-            pv = pv.to(tl.float32)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision="ieee", out_dtype=ACC)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(pv, v, out_dtype=ACC)
-        m_i = m_new
+    if HAS_SEG:
+        seg_q = tl.load(seg_ptr + offs_m * stride_sn, mask=m_in, other=-1)
+        rp = range_ptr + (b * n_mblocks + pid_m) * 4
+        lo = tl.load(rp)
+        hi = tl.load(rp + 1)
+        flo = tl.load(rp + 2)
+        fhi = tl.load(rp + 3)
+        nfull = fhi - flo
+        # the masked tiles [lo, flo) + [fhi, hi), then the full ones [flo, fhi) without any mask
+        for t in range(lo, hi - nfull):
+            jb = t + tl.where(t >= flo, nfull, 0)
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, seg_q, jb, k_ptr, v_ptr, seg_ptr, N, qk_scale,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_sn, offs_n0, offs_d, d_in,
+                                      BLOCK_N, True, True, False, UPCAST, IEEE, ACC)
+        for jb in range(flo, fhi):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, seg_q, jb, k_ptr, v_ptr, seg_ptr, N, qk_scale,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_sn, offs_n0, offs_d, d_in,
+                                      BLOCK_N, True, False, False, UPCAST, IEEE, ACC)
+    else:
+        for jb in range(0, tl.cdiv(N, BLOCK_N)):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, q, jb, k_ptr, v_ptr, seg_ptr, N, qk_scale,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_sn, offs_n0, offs_d, d_in,
+                                      BLOCK_N, False, False, not EVEN_N, UPCAST, IEEE, ACC)
 
     # l >= 1 for a row with any allowed key (its max term is exp2(0)); l == 0 only for empty rows.
     # (Not `l > 0`: a NaN input must give NaN, not a silent zero row.)
@@ -180,9 +271,13 @@ def _patch_attn_fwd_kernel(
 
 
 @triton.jit
-def _patch_attn_bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr, N, D, n_mblocks,
+def _patch_attn_bwd_preprocess_kernel(o_ptr, do_ptr, lse_ptr, delta_ptr, dos_ptr, lseb_ptr, N, D, n_mblocks,
                                       stride_dob, stride_doh, stride_don, stride_dod, H,
-                                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+                                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                                      CLEAN: tl.constexpr):
+    """delta = rowsum(dO * O). CLEAN (with segment ids): also a finite copy of dO (contiguous) for the block
+    matmuls, delta made finite, and the LSE of the backward = NaN on every row whose dO or O is non-finite, so
+    its NaN reaches only the pairs that row attends (P = exp2(s - lse) there; masked pairs stay exact 0)."""
     pid = tl.program_id(0).to(tl.int64)
     pid_m = pid % n_mblocks
     pid_bh = pid // n_mblocks
@@ -190,11 +285,81 @@ def _patch_attn_bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr, N, D, n_mblocks,
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    msk = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+    m_in = offs_m < N
+    msk = m_in[:, None] & (offs_d[None, :] < D)
     o = tl.load(o_ptr + pid_bh * N * D + offs_m[:, None] * D + offs_d[None, :], mask=msk, other=0.0).to(ACC)
     do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                 mask=msk, other=0.0).to(ACC)
-    tl.store(delta_ptr + pid_bh * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
+                 mask=msk, other=0.0)
+    if CLEAN:
+        fin = tl.abs(do) < float("inf")
+        do = tl.where(fin, do, 0.0)
+        tl.store(dos_ptr + pid_bh * N * D + offs_m[:, None] * D + offs_d[None, :], do, mask=msk)
+        delta = tl.sum(o * do.to(ACC), 1)
+        bad = (tl.sum(tl.where(fin, 0, 1), 1) > 0) | ~(tl.abs(delta) < float("inf"))
+        lse = tl.load(lse_ptr + pid_bh * N + offs_m, mask=m_in, other=0.0)
+        tl.store(lseb_ptr + pid_bh * N + offs_m, tl.where(bad, float("nan"), lse), mask=m_in)
+        delta = tl.where(bad, 0.0, delta)
+    else:
+        delta = tl.sum(o * do.to(ACC), 1)
+    tl.store(delta_ptr + pid_bh * N + offs_m, delta, mask=m_in)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, seg_k, n_in, ib, q_ptr, do_ptr, segq_ptr, lse_ptr, delta_ptr, N, qk_scale,
+               stride_qn, stride_qd, stride_don, stride_dod, stride_sn, offs_m0, offs_d, d_in,
+               BLOCK_M: tl.constexpr, SEG_MASK: tl.constexpr, TAIL: tl.constexpr, UPCAST: tl.constexpr,
+               IEEE: tl.constexpr, ACC: tl.constexpr):
+    """One query block of the dK / dV sweep (masking as in ``_fwd_tile``; TAIL: keys or queries past N)."""
+    offs_m = ib * BLOCK_M + offs_m0
+    qt_ptrs = q_ptr + offs_m[None, :] * stride_qn + offs_d[:, None] * stride_qd
+    do_ptrs = do_ptr + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
+    if SEG_MASK or TAIL:
+        m_in = offs_m < N
+        ld_m = m_in
+        if SEG_MASK:   # padding queries (and their upstream gradient) are never read
+            seg_q = tl.load(segq_ptr + offs_m * stride_sn, mask=m_in, other=-1)
+            ld_m = m_in & (seg_q >= 0)
+        qt = tl.load(qt_ptrs, mask=ld_m[None, :] & d_in[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=ld_m[:, None] & d_in[None, :], other=0.0)
+        lse = tl.load(lse_ptr + offs_m, mask=m_in, other=float("inf"))
+        delta = tl.load(delta_ptr + offs_m, mask=m_in, other=0.0)
+    else:
+        qt = tl.load(qt_ptrs, mask=d_in[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=d_in[None, :], other=0.0)
+        lse = tl.load(lse_ptr + offs_m)
+        delta = tl.load(delta_ptr + offs_m)
+    if UPCAST:
+        qt = qt.to(tl.float32)
+        do = do.to(tl.float32)
+    if IEEE:
+        st = tl.dot(k, qt, input_precision="ieee", out_dtype=ACC)
+    else:
+        st = tl.dot(k, qt, out_dtype=ACC)
+    if SEG_MASK:
+        ok = (seg_k[:, None] == seg_q[None, :]) & (seg_q[None, :] >= 0)
+        pt = tl.exp2(tl.where(ok, st * qk_scale - lse[None, :], float("-inf")))  # P^T, exactly 0 where masked
+    elif TAIL:  # keys past N: their rows are never stored, masked only to keep them finite
+        pt = tl.exp2(tl.where(n_in[:, None], st * qk_scale - lse[None, :], float("-inf")))
+    else:  # (queries past N, if any, have lse = +inf, so P = 0 there)
+        pt = tl.exp2(st * qk_scale - lse[None, :])
+    ptc = pt.to(do_ptr.dtype.element_ty)
+    if UPCAST:
+        ptc = ptc.to(tl.float32)
+    if IEEE:
+        dv += tl.dot(ptc, do, input_precision="ieee", out_dtype=ACC)
+        dpt = tl.dot(v, tl.trans(do), input_precision="ieee", out_dtype=ACC)
+    else:
+        dv += tl.dot(ptc, do, out_dtype=ACC)
+        dpt = tl.dot(v, tl.trans(do), out_dtype=ACC)
+    dst = pt * (dpt - delta[None, :])
+    dsc = dst.to(q_ptr.dtype.element_ty)
+    if UPCAST:
+        dsc = dsc.to(tl.float32)
+    if IEEE:
+        dk += tl.dot(dsc, tl.trans(qt), input_precision="ieee", out_dtype=ACC)
+    else:
+        dk += tl.dot(dsc, tl.trans(qt), out_dtype=ACC)
+    return dk, dv
 
 
 @triton.jit
@@ -228,65 +393,86 @@ def _patch_attn_bwd_dkdv_kernel(
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    if HAS_SEG:
-        seg_k = tl.load(seg_ptr + b * stride_sb + offs_n * stride_sn, mask=n_in, other=-1)
-        lo = tl.load(range_ptr + (b * n_nblocks + pid_n) * 2)
-        hi = tl.load(range_ptr + (b * n_nblocks + pid_n) * 2 + 1)
-    else:
-        lo = 0
-        hi = tl.cdiv(N, BLOCK_M)
     q_ptr += b * stride_qb + h * stride_qh
     do_ptr += b * stride_dob + h * stride_doh
+    seg_ptr += b * stride_sb
+    lse_ptr += pid_bh * N
+    delta_ptr += pid_bh * N
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
-    for ib in range(lo, hi):
-        offs_m = ib * BLOCK_M + offs_m0
-        m_in = offs_m < N
-        ld_m = m_in
-        if HAS_SEG:   # padding queries (and their upstream gradient) are never read
-            seg_q = tl.load(seg_ptr + b * stride_sb + offs_m * stride_sn, mask=m_in, other=-1)
-            ld_m = m_in & (seg_q >= 0)
-        qt = tl.load(q_ptr + offs_m[None, :] * stride_qn + offs_d[:, None] * stride_qd,
-                     mask=ld_m[None, :] & d_in[:, None], other=0.0)
-        do = tl.load(do_ptr + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                     mask=ld_m[:, None] & d_in[None, :], other=0.0)
-        lse = tl.load(lse_ptr + pid_bh * N + offs_m, mask=m_in, other=float("inf"))
-        delta = tl.load(delta_ptr + pid_bh * N + offs_m, mask=m_in, other=0.0)
-        if UPCAST:
-            qt = qt.to(tl.float32)
-            do = do.to(tl.float32)
-        if IEEE:
-            st = tl.dot(k, qt, input_precision="ieee", out_dtype=ACC)
-        else:
-            st = tl.dot(k, qt, out_dtype=ACC)
-        if HAS_SEG:
-            ok = (seg_k[:, None] == seg_q[None, :]) & (seg_q[None, :] >= 0)
-            pt = tl.exp2(tl.where(ok, st * qk_scale - lse[None, :], float("-inf")))  # P^T, exactly 0 where masked
-        elif not EVEN_N:  # keys past N: their rows are never stored, masked only to keep them finite
-            pt = tl.exp2(tl.where(n_in[:, None], st * qk_scale - lse[None, :], float("-inf")))
-        else:  # queries past N have lse = +inf, so P = 0 there
-            pt = tl.exp2(st * qk_scale - lse[None, :])
-        ptc = pt.to(do_ptr.dtype.element_ty)
-        if UPCAST:
-            ptc = ptc.to(tl.float32)
-        if IEEE:
-            dv += tl.dot(ptc, do, input_precision="ieee", out_dtype=ACC)
-            dpt = tl.dot(v, tl.trans(do), input_precision="ieee", out_dtype=ACC)
-        else:
-            dv += tl.dot(ptc, do, out_dtype=ACC)
-            dpt = tl.dot(v, tl.trans(do), out_dtype=ACC)
-        dst = pt * (dpt - delta[None, :])
-        dsc = dst.to(q_ptr.dtype.element_ty)
-        if UPCAST:
-            dsc = dsc.to(tl.float32)
-        if IEEE:
-            dk += tl.dot(dsc, tl.trans(qt), input_precision="ieee", out_dtype=ACC)
-        else:
-            dk += tl.dot(dsc, tl.trans(qt), out_dtype=ACC)
+    if HAS_SEG:
+        seg_k = tl.load(seg_ptr + offs_n * stride_sn, mask=n_in, other=-1)
+        rp = range_ptr + (b * n_nblocks + pid_n) * 4
+        lo = tl.load(rp)
+        hi = tl.load(rp + 1)
+        flo = tl.load(rp + 2)
+        fhi = tl.load(rp + 3)
+        nfull = fhi - flo
+        for t in range(lo, hi - nfull):
+            ib = t + tl.where(t >= flo, nfull, 0)
+            dk, dv = _dkdv_tile(dk, dv, k, v, seg_k, n_in, ib, q_ptr, do_ptr, seg_ptr, lse_ptr, delta_ptr, N,
+                                qk_scale, stride_qn, stride_qd, stride_don, stride_dod, stride_sn, offs_m0, offs_d,
+                                d_in, BLOCK_M, True, False, UPCAST, IEEE, ACC)
+        for ib in range(flo, fhi):
+            dk, dv = _dkdv_tile(dk, dv, k, v, seg_k, n_in, ib, q_ptr, do_ptr, seg_ptr, lse_ptr, delta_ptr, N,
+                                qk_scale, stride_qn, stride_qd, stride_don, stride_dod, stride_sn, offs_m0, offs_d,
+                                d_in, BLOCK_M, False, False, UPCAST, IEEE, ACC)
+    else:
+        for ib in range(0, tl.cdiv(N, BLOCK_M)):
+            dk, dv = _dkdv_tile(dk, dv, k, v, n_in, n_in, ib, q_ptr, do_ptr, seg_ptr, lse_ptr, delta_ptr, N,
+                                qk_scale, stride_qn, stride_qd, stride_don, stride_dod, stride_sn, offs_m0, offs_d,
+                                d_in, BLOCK_M, False, not EVEN_N, UPCAST, IEEE, ACC)
     dk = dk * sm_scale
     base = pid_bh * N * D
     tl.store(dk_ptr + base + offs_n[:, None] * D + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=kv_msk)
     tl.store(dv_ptr + base + offs_n[:, None] * D + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_msk)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, seg_q, jb, k_ptr, v_ptr, segk_ptr, N, qk_scale,
+             stride_kn, stride_kd, stride_vn, stride_vd, stride_sn, offs_n0, offs_d, d_in,
+             BLOCK_N: tl.constexpr, SEG_MASK: tl.constexpr, TAIL: tl.constexpr, UPCAST: tl.constexpr,
+             IEEE: tl.constexpr, ACC: tl.constexpr):
+    """One key block of the dQ sweep (masking as in ``_fwd_tile``)."""
+    offs_n = jb * BLOCK_N + offs_n0
+    kt_ptrs = k_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    vt_ptrs = v_ptr + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd
+    if SEG_MASK or TAIL:
+        n_in = offs_n < N
+        ld_n = n_in
+        if SEG_MASK:   # padding keys are never read
+            seg_k = tl.load(segk_ptr + offs_n * stride_sn, mask=n_in, other=-1)
+            ld_n = n_in & (seg_k >= 0)
+        kt = tl.load(kt_ptrs, mask=ld_n[None, :] & d_in[:, None], other=0.0)
+        vt = tl.load(vt_ptrs, mask=ld_n[None, :] & d_in[:, None], other=0.0)
+    else:
+        kt = tl.load(kt_ptrs, mask=d_in[:, None], other=0.0)
+        vt = tl.load(vt_ptrs, mask=d_in[:, None], other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+        vt = vt.to(tl.float32)
+    if IEEE:
+        s = tl.dot(q, kt, input_precision="ieee", out_dtype=ACC)
+        dp = tl.dot(do, vt, input_precision="ieee", out_dtype=ACC)
+    else:
+        s = tl.dot(q, kt, out_dtype=ACC)
+        dp = tl.dot(do, vt, out_dtype=ACC)
+    if SEG_MASK:
+        ok = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] >= 0)
+        p = tl.exp2(tl.where(ok, s * qk_scale - lse[:, None], float("-inf")))
+    elif TAIL:  # keys past N: mask them (their P = exp2(-lse) could overflow, and inf * 0 = NaN)
+        p = tl.exp2(tl.where(n_in[None, :], s * qk_scale - lse[:, None], float("-inf")))
+    else:
+        p = tl.exp2(s * qk_scale - lse[:, None])
+    ds = p * (dp - delta[:, None])
+    dsc = ds.to(k_ptr.dtype.element_ty)
+    if UPCAST:
+        dsc = dsc.to(tl.float32)
+    if IEEE:
+        dq += tl.dot(dsc, tl.trans(kt), input_precision="ieee", out_dtype=ACC)
+    else:
+        dq += tl.dot(dsc, tl.trans(kt), out_dtype=ACC)
+    return dq
 
 
 @triton.jit
@@ -314,8 +500,12 @@ def _patch_attn_bwd_dq_kernel(
     d_in = offs_d < D
     q_msk = m_in[:, None] & d_in[None, :]
     ld_msk = q_msk
+    seg_ptr += b * stride_sb
     if HAS_SEG:   # padding rows (and their upstream gradient) are never read
-        ld_msk = q_msk & (tl.load(seg_ptr + b * stride_sb + offs_m * stride_sn, mask=m_in, other=-1) >= 0)[:, None]
+        seg_q = tl.load(seg_ptr + offs_m * stride_sn, mask=m_in, other=-1)
+        ld_msk = q_msk & (seg_q >= 0)[:, None]
+    else:
+        seg_q = m_in
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                 mask=ld_msk, other=0.0)
     do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
@@ -325,54 +515,32 @@ def _patch_attn_bwd_dq_kernel(
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    if HAS_SEG:
-        seg_q = tl.load(seg_ptr + b * stride_sb + offs_m * stride_sn, mask=m_in, other=-1)
-        lo = tl.load(range_ptr + (b * n_mblocks + pid_m) * 2)
-        hi = tl.load(range_ptr + (b * n_mblocks + pid_m) * 2 + 1)
-    else:
-        lo = 0
-        hi = tl.cdiv(N, BLOCK_N)
     k_ptr += b * stride_kb + h * stride_kh
     v_ptr += b * stride_vb + h * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-    for jb in range(lo, hi):
-        offs_n = jb * BLOCK_N + offs_n0
-        n_in = offs_n < N
-        ld_n = n_in
-        if HAS_SEG:   # padding keys are never read
-            seg_k = tl.load(seg_ptr + b * stride_sb + offs_n * stride_sn, mask=n_in, other=-1)
-            ld_n = n_in & (seg_k >= 0)
-        kt = tl.load(k_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=ld_n[None, :] & d_in[:, None], other=0.0)
-        vt = tl.load(v_ptr + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
-                     mask=ld_n[None, :] & d_in[:, None], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee", out_dtype=ACC)
-            dp = tl.dot(do, vt, input_precision="ieee", out_dtype=ACC)
-        else:
-            s = tl.dot(q, kt, out_dtype=ACC)
-            dp = tl.dot(do, vt, out_dtype=ACC)
-        if HAS_SEG:
-            ok = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] >= 0)
-            p = tl.exp2(tl.where(ok, s * qk_scale - lse[:, None], float("-inf")))
-        elif not EVEN_N:  # keys past N: mask them (their P = exp2(-lse) could overflow, and inf * 0 = NaN)
-            p = tl.exp2(tl.where(n_in[None, :], s * qk_scale - lse[:, None], float("-inf")))
-        else:
-            p = tl.exp2(s * qk_scale - lse[:, None])
-        ds = p * (dp - delta[:, None])
-        dsc = ds.to(k_ptr.dtype.element_ty)
-        if UPCAST:
-            dsc = dsc.to(tl.float32)
-        if IEEE:
-            dq += tl.dot(dsc, tl.trans(kt), input_precision="ieee", out_dtype=ACC)
-        else:
-            dq += tl.dot(dsc, tl.trans(kt), out_dtype=ACC)
+    if HAS_SEG:
+        rp = range_ptr + (b * n_mblocks + pid_m) * 4
+        lo = tl.load(rp)
+        hi = tl.load(rp + 1)
+        flo = tl.load(rp + 2)
+        fhi = tl.load(rp + 3)
+        nfull = fhi - flo
+        for t in range(lo, hi - nfull):
+            jb = t + tl.where(t >= flo, nfull, 0)
+            dq = _dq_tile(dq, q, do, lse, delta, seg_q, jb, k_ptr, v_ptr, seg_ptr, N, qk_scale,
+                          stride_kn, stride_kd, stride_vn, stride_vd, stride_sn, offs_n0, offs_d, d_in,
+                          BLOCK_N, True, False, UPCAST, IEEE, ACC)
+        for jb in range(flo, fhi):
+            dq = _dq_tile(dq, q, do, lse, delta, seg_q, jb, k_ptr, v_ptr, seg_ptr, N, qk_scale,
+                          stride_kn, stride_kd, stride_vn, stride_vd, stride_sn, offs_n0, offs_d, d_in,
+                          BLOCK_N, False, False, UPCAST, IEEE, ACC)
+    else:
+        for jb in range(0, tl.cdiv(N, BLOCK_N)):
+            dq = _dq_tile(dq, q, do, lse, delta, seg_q, jb, k_ptr, v_ptr, seg_ptr, N, qk_scale,
+                          stride_kn, stride_kd, stride_vn, stride_vd, stride_sn, offs_n0, offs_d, d_in,
+                          BLOCK_N, False, not EVEN_N, UPCAST, IEEE, ACC)
     dq = dq * sm_scale
     tl.store(dq_ptr + pid_bh * N * D + offs_m[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=q_msk)
-
 
 # ----------------------------------------------------------------------------- reference
 
@@ -413,7 +581,7 @@ def patch_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         s = torch.where((~torch.isfinite(qc).all(-1))[..., None] | k_bad[..., None, :], nan, s)
         s = s.masked_fill(~allowed, float("-inf")).masked_fill(empty, 0.0)  # empty rows: finite dummy
         p = torch.where(allowed, torch.softmax(s, dim=-1), 0.0)   # exact zeros also in a NaN row
-        o = torch.matmul(p, vf)
+        o = _MaskedPV.apply(p, vf, allowed)
         if tracing() or bool(v_bad.any()):   # a row attending a key with a non-finite v is NaN
             links = torch.matmul(allowed.to(v.dtype).expand(B, H, -1, -1), v_bad.to(v.dtype))
             o = torch.where(links > 0, nan, o)
@@ -423,6 +591,29 @@ def patch_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _finite_torch(x):
     return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+class _MaskedPV(torch.autograd.Function):
+    """o = p @ v for the reference, with a v-gradient that takes a non-finite upstream gradient of row i only
+    into the keys row i attends (autograd's p^T @ dO forms 0 * NaN for every masked pair)."""
+
+    @staticmethod
+    def forward(p, v, allowed):
+        return torch.matmul(p, v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        p, v, allowed = ctx.saved_tensors                                   # (B,H,n,N) (B,H,N,D) (B,1,n,N)
+        bad = (~torch.isfinite(g).all(-1, keepdim=True)).to(g.dtype)        # (B, H, n, 1)
+        dv = torch.matmul(p.transpose(-1, -2), _finite_torch(g))            # (B, H, N, D)
+        links = torch.matmul(allowed.transpose(-1, -2).to(g.dtype), bad)    # (B, H, N, 1)
+        dv = torch.where(links > 0, float("nan"), dv)
+        dp = torch.matmul(g, v.transpose(-1, -2))    # NaN rows stay whole; the caller's where drops masked pairs
+        return dp, dv, None
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -467,21 +658,35 @@ def _bwd_config(block_d: int, dtype: torch.dtype, interp: bool = False):
 
 
 def _block_ranges(seg: torch.Tensor, block_rows: int, block_cols: int) -> torch.Tensor:
-    """(B, n_row_blocks, 2) int32 [lo, hi): the column blocks whose id range can meet each row block's.
+    """(B, n_row_blocks, 4) int32 [lo, hi, flo, fhi): the column blocks whose id range can meet each row
+    block's, and inside them the run of column blocks that hold only the row block's one id (no mask needed).
 
     The relation is symmetric, so this serves query->key (forward, dQ) and key->query (dK/dV).
     Every block in [lo, hi) is visited; blocks inside that do not meet are masked per element, so
-    non-contiguous ids stay exact and contiguous ids get a tight range. One launch, O(N^2 / block) int
-    loads (tiny next to the attention).
+    non-contiguous ids stay exact and contiguous ids get a tight range; [flo, fhi) is empty (== lo) where
+    the row block holds more than one id or padding. One launch, O(N^2 / block) int loads (tiny next to the
+    attention).
     """
     B, N = seg.shape
     nr, nc = triton.cdiv(N, block_rows), triton.cdiv(N, block_cols)
-    rng = torch.empty((B, nr, 2), dtype=torch.int32, device=seg.device)
+    rng = torch.empty((B, nr, 4), dtype=torch.int32, device=seg.device)
     if rng.numel():
         chunk = max(1, min(next_pow2(nc), 4096 // block_cols))
         launch(_patch_attn_ranges_kernel, (B * nr,), seg, rng, N, nr, nc, seg.stride(0), seg.stride(1),
                BLOCK_R=block_rows, BLOCK_C=block_cols, CHUNK=chunk, SEG64=seg.dtype == torch.int64)
     return rng
+
+
+def _sanitize(x, nan_rows=False, w=None):
+    """A contiguous copy of x for the kernels: see ``_patch_attn_sanitize_kernel``."""
+    B, H, N, D = x.shape
+    y = torch.empty((B, H, N, D), dtype=x.dtype, device=x.device)
+    block = max(1, min(128, 4096 // _head_block(D)))
+    nb = triton.cdiv(N, block)
+    w = x if w is None else w
+    launch(_patch_attn_sanitize_kernel, (nb * B * H,), x, w, y, N, D, H, nb, *_strides4(x), *_strides4(w),
+           BLOCK=block, BLOCK_D=_head_block(D), NAN_ROWS=nan_rows, HAS_W=w is not x)
+    return y
 
 
 def _flags(dtype):
@@ -495,7 +700,10 @@ def _strides4(t):
 
 
 def _patch_attn_fwd(q, k, v, segment_ids, scale):
-    """Launch the forward; returns (out (B,H,N,D) contiguous, lse (B,H,N) fp32 (fp64 for fp64), base 2)."""
+    """Launch the forward; returns (out (B,H,N,D) contiguous, lse (B,H,N) fp32 (fp64 for fp64), base 2).
+
+    With segment ids the kernel reads copies of q, k, v made by one elementwise pass each (NaN rows for q and
+    k, zeroed v), so non-finite values reach exactly the rows that attend them."""
     B, H, N, D = q.shape
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=acc_dtype(q.dtype), device=q.device)
@@ -509,8 +717,9 @@ def _patch_attn_fwd(q, k, v, segment_ids, scale):
     if has_seg:
         seg = segment_ids
         rng = _block_ranges(seg, BM, BN)
+        q, k, v = _sanitize(q, nan_rows=True), _sanitize(k, nan_rows=True, w=v), _sanitize(v)
     else:
-        seg = rng = torch.empty((1, 2), dtype=torch.int32, device=q.device)   # never read (HAS_SEG False)
+        seg = rng = torch.empty((1, 4), dtype=torch.int32, device=q.device)   # never read
     upcast, ieee = _flags(q.dtype)
     launch(_patch_attn_fwd_kernel, (nm * B * H,),
         q, k, v, seg, rng, out, lse, N, D, H, nm, float(scale) * LOG2E,
@@ -531,20 +740,29 @@ def _patch_attn_bwd(do, q, k, v, out, lse, segment_ids, scale):
     block_d = _head_block(D)
     acc = tl_dtype(acc_dtype(q.dtype))
     upcast, ieee = _flags(q.dtype)
+    has_seg = segment_ids is not None
     BM0 = 64
     nm0 = triton.cdiv(N, BM0)
     delta = torch.empty((B, H, N), dtype=acc_dtype(q.dtype), device=q.device)
+    if has_seg:   # finite copies (as in the forward); dO made finite, its NaN rows moved into the LSE
+        q, k, v = _sanitize(q), _sanitize(k), _sanitize(v)
+        do_s = torch.empty_like(dq)
+        lse_b = torch.empty_like(lse)
+    else:
+        do_s, lse_b = do, lse
     launch(_patch_attn_bwd_preprocess_kernel, (nm0 * B * H,),
-        out, do, delta, N, D, nm0, *_strides4(do), H, BLOCK_M=BM0, BLOCK_D=block_d, ACC=acc)
+        out, do, lse, delta, do_s, lse_b, N, D, nm0, *_strides4(do), H, BLOCK_M=BM0, BLOCK_D=block_d, ACC=acc,
+        CLEAN=has_seg)
+    do, lse = do_s, lse_b
     BM, BN, warps, stages = _bwd_config(block_d, q.dtype, interpreting())
-    has_seg = segment_ids is not None
+    assert BN % BM == 0   # EVEN_N (N % BN == 0) then also means no query tail
     nm, nn = triton.cdiv(N, BM), triton.cdiv(N, BN)
     if has_seg:
         seg = segment_ids
         rng_kv = _block_ranges(seg, BN, BM)  # key block -> query blocks
         rng_q = rng_kv if BM == BN else _block_ranges(seg, BM, BN)  # query block -> key blocks
     else:
-        seg = rng_kv = rng_q = torch.empty((1, 2), dtype=torch.int32, device=q.device)   # never read
+        seg = rng_kv = rng_q = torch.empty((1, 4), dtype=torch.int32, device=q.device)   # never read
     qk_scale = float(scale) * LOG2E
     common = (*_strides4(q), *_strides4(k), *_strides4(v), *_strides4(do), seg.stride(0), seg.stride(1))
     meta = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=block_d, HAS_SEG=has_seg, EVEN_N=N % BN == 0, UPCAST=upcast,

@@ -232,7 +232,8 @@ def test_one_token_segment_attends_to_itself():
 # ----------------------------------------------------------------------------- block skipping
 
 def _ranges_torch(seg, bm, bn):
-    """Independent torch version of the block-range pre-pass: per-block min/max of ids >= 0."""
+    """Independent torch version of the block-range pre-pass: per-block min/max of ids >= 0 give [lo, hi);
+    column blocks holding only the one id of a padding-free row block give the unmasked run [flo, fhi)."""
     B, N = seg.shape
 
     def minmax(bs):
@@ -240,14 +241,22 @@ def _ranges_torch(seg, bm, bn):
         s = torch.full((B, nb * bs), -1, dtype=torch.long)
         s[:, :N] = seg
         s = s.view(B, nb, bs)
-        return torch.where(s >= 0, s, 2**31 - 1).amin(-1), torch.where(s >= 0, s, -1).amax(-1)
+        return (torch.where(s >= 0, s, 2**31 - 1).amin(-1), torch.where(s >= 0, s, -1).amax(-1),
+                s.amin(-1), s.amax(-1))
 
-    (rmin, rmax), (cmin, cmax) = minmax(bm), minmax(bn)
+    (rmin, rmax, r_lo, _), (cmin, cmax, c_lo, c_hi) = minmax(bm), minmax(bn)
     meet = (cmin[:, None, :] <= rmax[:, :, None]) & (cmax[:, None, :] >= rmin[:, :, None])
-    idx = torch.arange(meet.shape[-1])
-    lo = torch.where(meet, idx, meet.shape[-1]).amin(-1)
+    nc = meet.shape[-1]
+    idx = torch.arange(nc)
+    lo = torch.where(meet, idx, nc).amin(-1)
     hi = torch.where(meet, idx + 1, 0).amax(-1)
-    return torch.stack([torch.minimum(lo, hi), hi], -1)
+    lo = torch.minimum(lo, hi)
+    one = (r_lo == rmax) & (rmax >= 0)
+    full = one[:, :, None] & (c_lo[:, None, :] == rmax[:, :, None]) & (c_hi[:, None, :] == rmax[:, :, None])
+    flo = torch.where(full, idx, nc).amin(-1)
+    fhi = torch.where(full, idx + 1, 0).amax(-1)
+    run = (full.sum(-1) > 0) & (full.sum(-1) == fhi - flo)
+    return torch.stack([lo, hi, torch.where(run, flo, lo), torch.where(run, fhi, lo)], -1)
 
 
 def test_block_range_kernel_matches_torch():
@@ -257,6 +266,13 @@ def test_block_range_kernel_matches_torch():
             seg = make_segments(kind, 2, N, gen)
             got = pa._block_ranges(seg.to(DEV, torch.int32), bm, bn).cpu()
             assert torch.equal(got.long(), _ranges_torch(seg, bm, bn)), (kind, N, bm, bn)
+    # one id in blocks 0, 1 and 3 but another in block 2: those full blocks are not one run -> no unmasked run
+    seg = torch.tensor([[0] * 32 + [5] * 16 + [0] * 16]).repeat(2, 1)
+    seg[1, 40] = -1                                   # and a padding token inside a block of the other row
+    got = pa._block_ranges(seg.to(DEV, torch.int32), 16, 16).cpu().long()
+    assert torch.equal(got, _ranges_torch(seg, 16, 16))
+    assert got[0, 0].tolist() == [0, 4, 0, 0] and got[0, 2].tolist() == [2, 3, 2, 3]
+    assert got[1, 2].tolist() == [2, 3, 2, 2]         # row block 2 holds padding: masked
 
 
 def _visited_pairs(seg, bm, bn):
@@ -277,6 +293,16 @@ def test_block_ranges_cover_every_allowed_pair():
             b, i, j = allowed.nonzero(as_tuple=True)
             lo, hi = r[b, bi[i], 0], r[b, bi[i], 1]
             assert bool(((bj[j] >= lo) & (bj[j] < hi)).all()), (kind, bm, bn)
+            # the unmasked run lies inside [lo, hi) and every pair of its tiles is allowed
+            flo, fhi = r[..., 2], r[..., 3]
+            assert bool(((r[..., 0] <= flo) & (flo <= fhi) & (fhi <= r[..., 1])).all()), (kind, bm, bn)
+            pad = torch.full((2, 512), -1, dtype=torch.int32)
+            pad[:, :301] = seg
+            for b in range(2):
+                for rb in range(r.shape[1]):
+                    for cb in range(int(flo[b, rb]), int(fhi[b, rb])):
+                        rows, cols = pad[b, rb * bm:(rb + 1) * bm], pad[b, cb * bn:(cb + 1) * bn]
+                        assert bool((rows[:, None] == cols[None, :]).all() and (cols >= 0).all()), (kind, bm, bn)
 
 
 def test_block_skipping_framewise_costs_one_over_v():
@@ -454,11 +480,8 @@ def test_nonfinite_unattended_tokens_contribute_nothing(bad, force, monkeypatch)
         keep[62] = False
         for a, b in zip(g2, g):
             torch.testing.assert_close(a[:, :, keep], b[:, :, keep], rtol=0, atol=0)
-    if force == "1":
-        # Triton kernels: a token of another segment inside a block that a row attends can still reach it
-        # through 0 * NaN in the block matmul (a documented limit); only padding tokens are never read
-        return
-    # reference: a token of segment 1 only: segment 0 rows and their gradients are untouched
+    # a token of segment 1 only: segment 0 rows and their gradients are untouched (both paths: the kernels read
+    # finite copies and put the NaN back only into allowed pairs)
     seg0 = seg[0] == 0
     for which in range(3):
         x = [q.detach().clone(), k.detach().clone(), v.detach().clone()]
@@ -469,6 +492,56 @@ def test_nonfinite_unattended_tokens_contribute_nothing(bad, force, monkeypatch)
             torch.testing.assert_close(a[:, :, seg0], b[:, :, seg0], rtol=0, atol=0)
         if which == 2 and bad != bad:   # NaN in an attended value: its own segment's rows see it
             assert torch.isnan(o2[:, :, (seg[0] == 1)]).any()
+
+
+@pytest.mark.parametrize("force", ["1", "0"], ids=["kernel", "reference"])
+def test_nonfinite_upstream_gradient_stays_in_its_segment(force, monkeypatch):
+    """NaN in dO of one row of segment 1 (e.g. a loss over a NaN output): segment 0's gradients are exact."""
+    monkeypatch.setenv("NANO4D_FORCE_TRITON", force)
+    gen = torch.Generator().manual_seed(23)
+    q, k, v = rand_qkv(1, 2, 70, 16, torch.float32, gen, requires_grad=False)
+    seg = torch.tensor([[0] * 30 + [1] * 25 + [-1] * 15]).to(DEV)
+    do = torch.randn(q.shape, generator=gen).to(DEV)
+    _, g = run_with_grad(patch_attention, q, k, v, do, seg)
+    do2 = do.clone()
+    do2[:, :, 41] = float("nan")
+    do2[:, :, 63] = float("inf")          # and in a padding row: never read
+    _, g2 = run_with_grad(patch_attention, q, k, v, do2, seg)
+    seg0 = seg[0] == 0
+    for a, b in zip(g2, g):
+        torch.testing.assert_close(a[:, :, seg0], b[:, :, seg0], rtol=0, atol=0)
+        assert torch.isnan(a[:, :, seg[0] == 1]).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unmasked_full_tiles_match_reference(dtype, monkeypatch):
+    """Segments spanning whole blocks: the kernels take the unmasked path on those tiles (the pre-pass gives a
+    non-empty run, checked here for the interpreter's block sizes) and still match the reference; a NaN inside
+    a full tile reaches its own segment only."""
+    monkeypatch.setenv("NANO4D_FORCE_TRITON", "1")
+    gen = torch.Generator().manual_seed(24)
+    N = 520
+    seg = torch.tensor([[0] * 300 + [1] * 200 + [-1] * 20, [3] * 520])
+    for bm, bn in (pa._fwd_config(16, dtype, pa.interpreting())[:2], pa._bwd_config(16, dtype, pa.interpreting())[:2]):
+        r = pa._block_ranges(seg.to(DEV), bm, bn).cpu()
+        assert bool((r[..., 3] > r[..., 2]).any()) and bool((r[1, :-1, 3] > r[1, :-1, 2]).all())
+        r = pa._block_ranges(seg.to(DEV), bn, bm).cpu()
+        assert bool((r[..., 3] > r[..., 2]).any())
+    q, k, v = rand_qkv(2, 1, N, 16, dtype, gen)
+    check_against_ref(q, k, v, seg.to(DEV), gen=gen)
+    do = torch.randn(q.shape, generator=gen).to(DEV)
+    o, g = run_with_grad(patch_attention, q, k, v, do, seg.to(DEV))
+    for which in range(3):
+        x = [q.detach().clone(), k.detach().clone(), v.detach().clone()]
+        x[which][0, :, 10] = float("nan")           # segment 0, inside full tiles
+        o2, g2 = run_with_grad(patch_attention, *x, do, seg.to(DEV))
+        other = seg[0] != 0
+        torch.testing.assert_close(o2[0, :, other], o[0, :, other], rtol=0, atol=0)
+        torch.testing.assert_close(o2[1], o[1], rtol=0, atol=0)
+        for a, b in zip(g2, g):
+            torch.testing.assert_close(a[0, :, other], b[0, :, other], rtol=0, atol=0)
+        rows = torch.isnan(o2[0, 0]).any(-1)
+        assert bool(rows[10]) and (which == 0 or bool(rows[seg[0] == 0].all()))
 
 
 def test_device_mismatch_raises():
