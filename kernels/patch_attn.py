@@ -114,6 +114,36 @@ def _patch_attn_ranges_kernel(seg_ptr, range_ptr, N, n_rblocks, n_cblocks, strid
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr, ACC: tl.constexpr):
+    """a @ b accumulated in ACC; IEEE: exact fp32 products (fp32 inputs), not TF32."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)
+    else:
+        return tl.dot(a, b, out_dtype=ACC)
+
+
+@triton.jit
+def _program_ids(n_blocks, H):
+    """(block index, b * H + h, b, h) of this program; grid = n_blocks * B * H, blocks fastest."""
+    pid = tl.program_id(0).to(tl.int64)
+    pid_bh = pid // n_blocks
+    return pid % n_blocks, pid_bh, pid_bh // H, pid_bh % H
+
+
+@triton.jit
+def _load_range(range_ptr, row):
+    """One block's [lo, hi) and unmasked run [flo, fhi) from ``_patch_attn_ranges_kernel``."""
+    rp = range_ptr + row * 4
+    return tl.load(rp), tl.load(rp + 1), tl.load(rp + 2), tl.load(rp + 3)
+
+
+@triton.jit
+def _past_run(t, flo, fhi):
+    """The masked loop runs t over [lo, hi - (fhi - flo)): block t, or t shifted past the unmasked run."""
+    return t + tl.where(t >= flo, fhi - flo, 0)
+
+
+@triton.jit
 def _patch_attn_sanitize_kernel(x_ptr, w_ptr, y_ptr, N, D, H, n_blocks,
                                 stride_xb, stride_xh, stride_xn, stride_xd,
                                 stride_wb, stride_wh, stride_wn, stride_wd,
@@ -124,11 +154,7 @@ def _patch_attn_sanitize_kernel(x_ptr, w_ptr, y_ptr, N, D, H, n_blocks,
     The forward reads NaN rows for q and k (a NaN score, where allowed, poisons exactly the rows that attend
     it; masked scores are replaced by -inf) and a zeroed v (P @ V never forms 0 * NaN); the backward reads
     zeroed copies of all three (its NaN travels in the LSE)."""
-    pid = tl.program_id(0).to(tl.int64)
-    pid_m = pid % n_blocks
-    pid_bh = pid // n_blocks
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_m, pid_bh, b, h = _program_ids(n_blocks, H)
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     msk = (offs_m < N)[:, None] & (offs_d[None, :] < D)
@@ -173,10 +199,7 @@ def _fwd_tile(acc, m_i, l_i, q, seg_q, jb, k_ptr, v_ptr, segk_ptr, N, qk_scale,
     if UPCAST:
         kt = kt.to(tl.float32)
         v = v.to(tl.float32)
-    if IEEE:
-        s = tl.dot(q, kt, input_precision="ieee", out_dtype=ACC)
-    else:
-        s = tl.dot(q, kt, out_dtype=ACC)
+    s = _dot(q, kt, IEEE, ACC)
     s = s * qk_scale
     if SEG_MASK:
         ok = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] >= 0)
@@ -195,10 +218,7 @@ def _fwd_tile(acc, m_i, l_i, q, seg_q, jb, k_ptr, v_ptr, segk_ptr, N, qk_scale,
     pv = p.to(v_ptr.dtype.element_ty)
     if UPCAST:
         pv = pv.to(tl.float32)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision="ieee", out_dtype=ACC)
-    else:
-        acc = acc * alpha[:, None] + tl.dot(pv, v, out_dtype=ACC)
+    acc = acc * alpha[:, None] + _dot(pv, v, IEEE, ACC)
     return acc, m_new, l_i
 
 
@@ -213,11 +233,7 @@ def _patch_attn_fwd_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_SEG: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
         ACC: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    pid_m = pid % n_mblocks
-    pid_bh = pid // n_mblocks
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_m, pid_bh, b, h = _program_ids(n_mblocks, H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -236,15 +252,10 @@ def _patch_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     if HAS_SEG:
         seg_q = tl.load(seg_ptr + offs_m * stride_sn, mask=m_in, other=-1)
-        rp = range_ptr + (b * n_mblocks + pid_m) * 4
-        lo = tl.load(rp)
-        hi = tl.load(rp + 1)
-        flo = tl.load(rp + 2)
-        fhi = tl.load(rp + 3)
-        nfull = fhi - flo
+        lo, hi, flo, fhi = _load_range(range_ptr, b * n_mblocks + pid_m)
         # the masked tiles [lo, flo) + [fhi, hi), then the full ones [flo, fhi) without any mask
-        for t in range(lo, hi - nfull):
-            jb = t + tl.where(t >= flo, nfull, 0)
+        for t in range(lo, hi - (fhi - flo)):
+            jb = _past_run(t, flo, fhi)
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, seg_q, jb, k_ptr, v_ptr, seg_ptr, N, qk_scale,
                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_sn, offs_n0, offs_d, d_in,
                                       BLOCK_N, True, True, False, UPCAST, IEEE, ACC)
@@ -278,11 +289,7 @@ def _patch_attn_bwd_preprocess_kernel(o_ptr, do_ptr, lse_ptr, delta_ptr, dos_ptr
     """delta = rowsum(dO * O). CLEAN (with segment ids): also a finite copy of dO (contiguous) for the block
     matmuls, delta made finite, and the LSE of the backward = NaN on every row whose dO or O is non-finite, so
     its NaN reaches only the pairs that row attends (P = exp2(s - lse) there; masked pairs stay exact 0)."""
-    pid = tl.program_id(0).to(tl.int64)
-    pid_m = pid % n_mblocks
-    pid_bh = pid // n_mblocks
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_m, pid_bh, b, h = _program_ids(n_mblocks, H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_in = offs_m < N
@@ -331,10 +338,7 @@ def _dkdv_tile(dk, dv, k, v, seg_k, n_in, ib, q_ptr, do_ptr, segq_ptr, lse_ptr, 
     if UPCAST:
         qt = qt.to(tl.float32)
         do = do.to(tl.float32)
-    if IEEE:
-        st = tl.dot(k, qt, input_precision="ieee", out_dtype=ACC)
-    else:
-        st = tl.dot(k, qt, out_dtype=ACC)
+    st = _dot(k, qt, IEEE, ACC)
     if SEG_MASK:
         ok = (seg_k[:, None] == seg_q[None, :]) & (seg_q[None, :] >= 0)
         pt = tl.exp2(tl.where(ok, st * qk_scale - lse[None, :], float("-inf")))  # P^T, exactly 0 where masked
@@ -345,20 +349,13 @@ def _dkdv_tile(dk, dv, k, v, seg_k, n_in, ib, q_ptr, do_ptr, segq_ptr, lse_ptr, 
     ptc = pt.to(do_ptr.dtype.element_ty)
     if UPCAST:
         ptc = ptc.to(tl.float32)
-    if IEEE:
-        dv += tl.dot(ptc, do, input_precision="ieee", out_dtype=ACC)
-        dpt = tl.dot(v, tl.trans(do), input_precision="ieee", out_dtype=ACC)
-    else:
-        dv += tl.dot(ptc, do, out_dtype=ACC)
-        dpt = tl.dot(v, tl.trans(do), out_dtype=ACC)
+    dv += _dot(ptc, do, IEEE, ACC)
+    dpt = _dot(v, tl.trans(do), IEEE, ACC)
     dst = pt * (dpt - delta[None, :])
     dsc = dst.to(q_ptr.dtype.element_ty)
     if UPCAST:
         dsc = dsc.to(tl.float32)
-    if IEEE:
-        dk += tl.dot(dsc, tl.trans(qt), input_precision="ieee", out_dtype=ACC)
-    else:
-        dk += tl.dot(dsc, tl.trans(qt), out_dtype=ACC)
+    dk += _dot(dsc, tl.trans(qt), IEEE, ACC)
     return dk, dv
 
 
@@ -375,11 +372,7 @@ def _patch_attn_bwd_dkdv_kernel(
         HAS_SEG: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
         ACC: tl.constexpr):
     """One program per (b, h, key block): dK, dV summed over the query blocks in its range."""
-    pid = tl.program_id(0).to(tl.int64)
-    pid_n = pid % n_nblocks
-    pid_bh = pid // n_nblocks
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_n, pid_bh, b, h = _program_ids(n_nblocks, H)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -402,14 +395,9 @@ def _patch_attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     if HAS_SEG:
         seg_k = tl.load(seg_ptr + offs_n * stride_sn, mask=n_in, other=-1)
-        rp = range_ptr + (b * n_nblocks + pid_n) * 4
-        lo = tl.load(rp)
-        hi = tl.load(rp + 1)
-        flo = tl.load(rp + 2)
-        fhi = tl.load(rp + 3)
-        nfull = fhi - flo
-        for t in range(lo, hi - nfull):
-            ib = t + tl.where(t >= flo, nfull, 0)
+        lo, hi, flo, fhi = _load_range(range_ptr, b * n_nblocks + pid_n)
+        for t in range(lo, hi - (fhi - flo)):
+            ib = _past_run(t, flo, fhi)
             dk, dv = _dkdv_tile(dk, dv, k, v, seg_k, n_in, ib, q_ptr, do_ptr, seg_ptr, lse_ptr, delta_ptr, N,
                                 qk_scale, stride_qn, stride_qd, stride_don, stride_dod, stride_sn, offs_m0, offs_d,
                                 d_in, BLOCK_M, True, False, UPCAST, IEEE, ACC)
@@ -451,12 +439,8 @@ def _dq_tile(dq, q, do, lse, delta, seg_q, jb, k_ptr, v_ptr, segk_ptr, N, qk_sca
     if UPCAST:
         kt = kt.to(tl.float32)
         vt = vt.to(tl.float32)
-    if IEEE:
-        s = tl.dot(q, kt, input_precision="ieee", out_dtype=ACC)
-        dp = tl.dot(do, vt, input_precision="ieee", out_dtype=ACC)
-    else:
-        s = tl.dot(q, kt, out_dtype=ACC)
-        dp = tl.dot(do, vt, out_dtype=ACC)
+    s = _dot(q, kt, IEEE, ACC)
+    dp = _dot(do, vt, IEEE, ACC)
     if SEG_MASK:
         ok = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] >= 0)
         p = tl.exp2(tl.where(ok, s * qk_scale - lse[:, None], float("-inf")))
@@ -468,10 +452,7 @@ def _dq_tile(dq, q, do, lse, delta, seg_q, jb, k_ptr, v_ptr, segk_ptr, N, qk_sca
     dsc = ds.to(k_ptr.dtype.element_ty)
     if UPCAST:
         dsc = dsc.to(tl.float32)
-    if IEEE:
-        dq += tl.dot(dsc, tl.trans(kt), input_precision="ieee", out_dtype=ACC)
-    else:
-        dq += tl.dot(dsc, tl.trans(kt), out_dtype=ACC)
+    dq += _dot(dsc, tl.trans(kt), IEEE, ACC)
     return dq
 
 
@@ -488,11 +469,7 @@ def _patch_attn_bwd_dq_kernel(
         HAS_SEG: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
         ACC: tl.constexpr):
     """One program per (b, h, query block): dQ summed over the key blocks in its range."""
-    pid = tl.program_id(0).to(tl.int64)
-    pid_m = pid % n_mblocks
-    pid_bh = pid // n_mblocks
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_m, pid_bh, b, h = _program_ids(n_mblocks, H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -519,14 +496,9 @@ def _patch_attn_bwd_dq_kernel(
     v_ptr += b * stride_vb + h * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     if HAS_SEG:
-        rp = range_ptr + (b * n_mblocks + pid_m) * 4
-        lo = tl.load(rp)
-        hi = tl.load(rp + 1)
-        flo = tl.load(rp + 2)
-        fhi = tl.load(rp + 3)
-        nfull = fhi - flo
-        for t in range(lo, hi - nfull):
-            jb = t + tl.where(t >= flo, nfull, 0)
+        lo, hi, flo, fhi = _load_range(range_ptr, b * n_mblocks + pid_m)
+        for t in range(lo, hi - (fhi - flo)):
+            jb = _past_run(t, flo, fhi)
             dq = _dq_tile(dq, q, do, lse, delta, seg_q, jb, k_ptr, v_ptr, seg_ptr, N, qk_scale,
                           stride_kn, stride_kd, stride_vn, stride_vd, stride_sn, offs_n0, offs_d, d_in,
                           BLOCK_N, True, False, UPCAST, IEEE, ACC)
