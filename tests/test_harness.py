@@ -139,4 +139,4 @@ def test_kernel_files_share_one_skeleton():
                 assert not [p for p in params if p.isupper() and not p.startswith(("BLOCK", "ACC"))
                             and p not in ("D", "M", "N", "P", "Q", "H", "S", "R", "X", "Y", "Z", "NR", "NF",
                                           "VEC", "IDX64", "HAS_SEG", "EVEN_N", "UPCAST", "IEEE", "CDT", "CHUNK",
-                                          "SEG64")], name
+                                          "SEG64", "NAN_ROWS", "HAS_W", "CLEAN")], name
