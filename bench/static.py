@@ -11,7 +11,7 @@ device->host copy on CUDA), and compiles each distinct launch exactly as the JIT
 (``aot_compile_launch``: Triton's own specialization, the launch's num_warps / num_stages / constexprs).
 Per kernel it prints ``ptxas -v`` registers, spill stores / loads, stack, shared memory; from the SASS
 (``cuobjdump -sass``) the instruction count of the whole kernel and of its hottest loop (the largest
-innermost loop) with, inside that loop, global loads (vector ones: 64/128-bit), local-memory accesses
+innermost loop; kernels with several innermost loops are listed after the table with each one's size) with, inside that loop, global loads (vector ones: 64/128-bit), local-memory accesses
 (spills), atomics, MUFU (hardware transcendental) and 64-bit integer instructions (``.X`` carries and
 ``IMAD.WIDE``: index math in int64); from the PTX the atomics and how many of them are ``.relaxed``.
 The first table also lists the torch-level copies and fills of at least 2^20 elements that a call makes
@@ -182,7 +182,7 @@ def sass_stats(cubin: bytes) -> dict:
         return sum(1 for t in seq if re.search(pat, t))
     return {
         "sass": len(ins), "loop": len(body) if loops else 0,
-        "inner": sorted((hi - lo + 1 for lo, hi in inner), reverse=True) if loops else [],
+        "inner": sorted((hi - lo + 1 for lo, hi in inner), reverse=True) if loops else [],   # every innermost loop
         "ldg": count(r"\bLDG\b|\bLDG\.", body), "ldg_vec": count(r"\bLDG\.E\.(64|128)", body),
         "local": count(r"\b(LDL|STL)\b", body), "atomics": count(r"\b(REDG?|ATOMG?)(\.|\b)", body),
         "mufu": count(r"\bMUFU\.", body), "i64": count(r"\.X\b|IMAD\.WIDE", body),
@@ -225,6 +225,7 @@ def main():
         cols += ["sm_80 regs", "sm_80 spill st/ld B"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
+    several = []      # kernels with more than one innermost loop (e.g. patch_attn's masked + unmasked tiles)
     for label, launches in launches_by_case.items():
         seen = set()
         for launch in launches:
@@ -248,6 +249,11 @@ def main():
                 m8 = comp[80].metadata
                 row += [m8.regs, f"{m8.spill_stores}/{m8.spill_loads}"]
             print("| " + " | ".join(str(x) for x in row) + " |", flush=True)
+            if len(ss["inner"]) > 1:
+                several.append(f"- {label}, {launch.name}: {' / '.join(str(n) for n in ss['inner'])}")
+    if several:
+        print(f"\nKernels with several innermost loops (SASS instructions of each, sm_{archs[0]}):\n")
+        print("\n".join(dict.fromkeys(several)))
 
 
 if __name__ == "__main__":
