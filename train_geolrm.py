@@ -60,7 +60,7 @@ RECIPES: dict = {
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(U.RunFlags):
     run_dir: str = flag("runs/geolrm", "output folder: weights, resume state, log.jsonl, preview, metrics.json, .ply; "
                         "a run resumes from it", resume_may_change=True)
     stage: str = flag("all", "proposal: occupancy network; recon: reconstruction network; all: both in turn",
@@ -113,12 +113,6 @@ class TrainConfig:
     dino: str = flag("", "optional HF facebook/dinov2-* model.safetensors for both encoders")
     init: str = flag("", "optional model.safetensors to start from (e.g. a proposal-stage run)")
     seed: int = flag(0, "seed (rank r uses seed + r); --infer: the anchor-subset seed")
-    amp: str = flag("auto", "autocast: auto = bf16 on CUDA, off on CPU", choices=("auto", "bf16", "off"))
-    resume: str = flag("auto", "auto: continue from run_dir's checkpoint if there is one (exactly; the config must "
-                       "match); weights: load its weights only, start at step 0; fresh: start over",
-                       choices=("auto", "fresh", "weights"), resume_may_change=True)
-    tensorboard: bool = flag(False, "also log to run_dir/tb (needs the tensorboard package)", resume_may_change=True)
-    recipe: str = flag("default", "named bundle of flag values from RECIPES", resume_may_change=True)
     infer: str = flag("", "inference: object folder (GObjaverse layout) or .pt {images, c2w, K}",
                       resume_may_change=True)
     ckpt: str = flag("", "inference: a nano4d run dir or its model.safetensors", resume_may_change=True)

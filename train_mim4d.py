@@ -51,7 +51,7 @@ RECIPES: dict = {
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(U.RunFlags):
     run_dir: str = flag("runs/mim4d", "output folder: weights, resume state, log.jsonl, previews, metrics.json; a run "
                         "resumes from it", resume_may_change=True)
     data: str = flag("", "'' = procedural scenes; nuscenes:ROOT = nuScenes (v1.0-trainval if ROOT has it, else "
@@ -80,12 +80,6 @@ class TrainConfig:
                            resume_may_change=True)
     ckpt_every: int = flag(100, "steps per checkpoint; 0 = only at the end", resume_may_change=True)
     seed: int = flag(0, "seed (data order: seed + epoch; rank r: seed + 100 r for masks, targets and rays)")
-    amp: str = flag("auto", "autocast: auto = bf16 on CUDA, off on CPU", choices=("auto", "bf16", "off"))
-    resume: str = flag("auto", "auto: continue from run_dir's checkpoint if there is one (exactly; the config must "
-                       "match); weights: load its weights only, start at step 0; fresh: start over",
-                       choices=("auto", "fresh", "weights"), resume_may_change=True)
-    tensorboard: bool = flag(False, "also log to run_dir/tb (needs the tensorboard package)", resume_may_change=True)
-    recipe: str = flag("default", "named bundle of flag values from RECIPES", resume_may_change=True)
 
 
 KEYS = ("images", "depths", "K", "cam2ego", "ego2world", "lidar2ego")

@@ -54,7 +54,7 @@ RECIPES: dict = {
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(U.RunFlags):
     run_dir: str = flag("runs/mum", "output folder: weights, resume state, log.jsonl, previews, match.json; a run "
                         "resumes from it", resume_may_change=True)
     data: str = flag("", "'' = procedural objects; else a GObjaverse-layout or image-sequence folder")
@@ -86,12 +86,6 @@ class TrainConfig:
     ckpt_every: int = flag(100, "steps per checkpoint; 0 = only at the end", resume_may_change=True)
     seed: int = flag(0, "seed (data order and per-batch view counts: seed + epoch; crops: seed + rank)")
     compile: bool = flag(False, "torch.compile the model", resume_may_change=True)
-    amp: str = flag("auto", "autocast: auto = bf16 on CUDA, off on CPU", choices=("auto", "bf16", "off"))
-    resume: str = flag("auto", "auto: continue from run_dir's checkpoint if there is one (exactly; the config must "
-                       "match); weights: load its weights only, start at step 0; fresh: start over",
-                       choices=("auto", "fresh", "weights"), resume_may_change=True)
-    tensorboard: bool = flag(False, "also log to run_dir/tb (needs the tensorboard package)", resume_may_change=True)
-    recipe: str = flag("default", "named bundle of flag values from RECIPES", resume_may_change=True)
     eval_only: bool = flag(False, "only run the stereo matching eval on run_dir/model.safetensors",
                            resume_may_change=True)
     match_eval: bool = flag(True, "after training: frozen-feature matching PCK (needs scikit-image)",

@@ -36,6 +36,17 @@ def flag(default, help: str, *, choices=None, resume_may_change: bool = False):
                                                         "resume_may_change": resume_may_change})
 
 
+@dataclasses.dataclass
+class RunFlags:
+    """The run flags every training script shares (its ``TrainConfig`` derives from this)."""
+    amp: str = flag("auto", "autocast: auto = bf16 on CUDA, off on CPU", choices=("auto", "bf16", "off"))
+    resume: str = flag("auto", "auto: continue from run_dir's checkpoint if there is one (exactly; the config must "
+                       "match); weights: load its weights only, start at step 0; fresh: start over",
+                       choices=("auto", "fresh", "weights"), resume_may_change=True)
+    tensorboard: bool = flag(False, "also log to run_dir/tb (needs the tensorboard package)", resume_may_change=True)
+    recipe: str = flag("default", "named bundle of flag values from RECIPES", resume_may_change=True)
+
+
 def _parse_bool(s: str) -> bool:
     if s.lower() in ("1", "true", "yes", "y", "on"):
         return True
