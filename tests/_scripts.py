@@ -96,3 +96,15 @@ def assert_finite_checkpoint(run_dir: str, step: int):
         assert not v.is_floating_point() or torch.isfinite(v).all(), k
     sd, cfg = C.load_weights(os.path.join(run_dir, C.WEIGHTS))
     assert cfg["step"] == step and all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+
+
+def assert_nonfinite_stop(r, run_dir: str, out_dir: str):
+    """A 2-rank run with NaN injected on rank 1 at step 2 (``NANO4D_INJECT_NAN_*``): both ranks stopped together
+    with a message, exit non-zero, identical state, and the last checkpoint is the finite step-2 one."""
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert "rank 1: non-finite at step 2:" in out and "loss nan" in out, out
+    assert "stopping: non-finite loss or gradient norm at step 2" in out, out
+    assert_ranks_equal(out_dir, [1, 2])
+    assert_finite_checkpoint(run_dir, 2)
+    assert [r["step"] for r in log_records(run_dir) if r["kind"] == "train"] == [1, 2]

@@ -14,14 +14,6 @@ from nano4d.data.common import DataError
 from nano4d.data.objects import ProceduralObjects, object_sdf, orbit_cameras
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_gobjaverse_roundtrip(tmp_path):
     ds = ProceduralObjects(num_objects=1, num_views=3, res=(12, 16), occ_res=8, num_surface_points=16)
     it = ds[0]

@@ -10,14 +10,6 @@ from nano4d.data import objects as O
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _box_object(centre=(0.2, 0.0, 0.0), half=(0.2, 0.05, 0.1)) -> O.SDFObject:
     """One axis-aligned box, hand-built (no normalization), solid colour."""
     return O.SDFObject(

@@ -9,14 +9,6 @@ from nano4d.data import rig as RJ
 from nano4d.data.common import DataError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def drive_sample():
     ds = R.ProceduralDriving(3, num_frames=3, res=(32, 56), lidar_azimuths=96, bev_res=64, frame_dt=1.0)
